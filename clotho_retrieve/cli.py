@@ -1,0 +1,155 @@
+"""The `clotho-retrieve` command line: a thin Typer layer over the pipeline's Python functions.
+
+Commands are listed in pipeline order. Each one imports its stage lazily, so `--help` and `query`
+start fast. Every stage raises :class:`ClothoRetrieveError` for problems the user can act on; the
+``command`` decorator turns that into one red line on stderr and exit status 1 (set
+``CLOTHO_RETRIEVE_DEBUG=1`` to see the traceback instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from clotho_retrieve import __version__
+from clotho_retrieve.utils import ClothoRetrieveError, err_console
+
+app = typer.Typer(
+    name="clotho-retrieve",
+    help=(
+        "Language-based audio retrieval on Clotho (Xiao et al., 2023).\n\n"
+        "Pipeline: download -> features -> train -> evaluate -> embed -> query.\n"
+        "Offline demo data: demo-data. The paper's Table I: table."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def command(name: str, **kwargs):
+    """Register a CLI command that reports ClothoRetrieveError as one line and exit status 1."""
+
+    def decorator(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except ClothoRetrieveError as exc:
+                if os.environ.get("CLOTHO_RETRIEVE_DEBUG"):
+                    raise
+                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                err_console.print("[yellow]interrupted[/]; re-run the same command to resume.")
+                raise typer.Exit(130) from None
+
+        return app.command(name, **kwargs)(wrapper)
+
+    return decorator
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"clotho-retrieve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(  # noqa: UP007
+        None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Language-based audio retrieval on Clotho."""
+
+
+# ----------------------------------------------------------------------------------------------
+# download  (owned by clotho_retrieve/download.py)
+# ----------------------------------------------------------------------------------------------
+@command("download")
+def download_cmd() -> None:
+    """1. Download Clotho v2.1 (and optionally PANNs weights or a text model)."""
+    raise ClothoRetrieveError("download: not implemented yet")
+
+
+# ----------------------------------------------------------------------------------------------
+# demo-data  (owned by clotho_retrieve/demo.py)
+# ----------------------------------------------------------------------------------------------
+@command("demo-data")
+def demo_data_cmd() -> None:
+    """Write the synthetic demo dataset in Clotho's on-disk layout."""
+    raise ClothoRetrieveError("demo-data: not implemented yet")
+
+
+# ----------------------------------------------------------------------------------------------
+# features  (owned by clotho_retrieve/features.py)
+# ----------------------------------------------------------------------------------------------
+@command("features")
+def features_cmd() -> None:
+    """2. Compute log-Mel spectrograms into an HDF5 cache."""
+    raise ClothoRetrieveError("features: not implemented yet")
+
+
+# ----------------------------------------------------------------------------------------------
+# train / evaluate  (owned by clotho_retrieve/train.py)
+# ----------------------------------------------------------------------------------------------
+@command("train")
+def train_cmd() -> None:
+    """3. Train a retrieval model (CNN14 + attention x BERT)."""
+    raise ClothoRetrieveError("train: not implemented yet")
+
+
+@command("evaluate")
+def evaluate_cmd() -> None:
+    """4. Score a trained run: text-to-audio and audio-to-text R@k, mAP@10."""
+    raise ClothoRetrieveError("evaluate: not implemented yet")
+
+
+# ----------------------------------------------------------------------------------------------
+# embed / index / query  (owned by clotho_retrieve/index.py and clotho_retrieve/query.py)
+# ----------------------------------------------------------------------------------------------
+@command("embed")
+def embed_cmd() -> None:
+    """5. Embed audio (and captions) with a trained run into a searchable index."""
+    raise ClothoRetrieveError("embed: not implemented yet")
+
+
+@command("index")
+def index_cmd() -> None:
+    """Build or rebuild the approximate (FAISS) index of an embedding index."""
+    raise ClothoRetrieveError("index: not implemented yet")
+
+
+@command("query")
+def query_cmd() -> None:
+    """6. Rank the indexed audio for a text prompt (or an example recording)."""
+    raise ClothoRetrieveError("query: not implemented yet")
+
+
+# ----------------------------------------------------------------------------------------------
+# table / explain  (owned by clotho_retrieve/experiments.py and clotho_retrieve/plots.py)
+# ----------------------------------------------------------------------------------------------
+@command("table")
+def table_cmd() -> None:
+    """Reproduce the paper's Table I: train and evaluate the four variants."""
+    raise ClothoRetrieveError("table: not implemented yet")
+
+
+@command("explain")
+def explain_cmd() -> None:
+    """Plot a clip's log-Mel spectrogram beside its attention map."""
+    raise ClothoRetrieveError("explain: not implemented yet")
+
+
+def main() -> None:
+    app(prog_name="clotho-retrieve")
+
+
+if __name__ == "__main__":
+    main()
