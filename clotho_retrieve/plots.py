@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.utils import ClothoRetrieveError, atomic_path
+from clotho_retrieve.utils import ClothoRetrieveError, atomic_path, resolve_device
 
 DPI = 100
 CURVES_SIZE = (10.0, 4.0)  # inches -> 1000 x 400 px
@@ -175,3 +175,99 @@ def plot_attention(
     if title:
         fig.suptitle(title)
     return _save(fig, Path(out))
+
+
+def _run_model_config(checkpoint: Path, which: str) -> dict:
+    """ModelConfig fields of a run folder (RUN/config.json's "model") or of a model folder."""
+    for path in (checkpoint / "config.json", checkpoint / which / "config.json"):
+        if path.is_file():
+            try:
+                config = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ClothoRetrieveError(f"{path}: not valid JSON ({exc.msg})") from None
+            config = config.get("model", config)
+            if isinstance(config, dict) and "attention" in config:
+                return config
+    raise ClothoRetrieveError(
+        f"{checkpoint}: no config.json with a model configuration; pass a run folder of `train`"
+    )
+
+
+def resolve_clip(names: list[str], clip: str | int) -> int:
+    """Index of a clip given its file name, its base name or stem, or its index into the file."""
+    clip = str(clip)
+    for candidates in (
+        [i for i, n in enumerate(names) if n == clip],
+        [i for i, n in enumerate(names) if Path(n).name == clip or Path(n).stem == clip],
+    ):
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            raise ClothoRetrieveError(f"--clip {clip}: matches {len(candidates)} clips; give the full name")
+    if clip.lstrip("-").isdigit() and -len(names) <= int(clip) < len(names):
+        return int(clip) % len(names)
+    raise ClothoRetrieveError(
+        f"--clip {clip}: no such clip name, and not an index in 0..{len(names) - 1}"
+    )
+
+
+def explain(
+    checkpoint: str | Path,
+    features: str | Path,
+    clip: str | int,
+    out: str | Path,
+    split: str = "evaluation",
+    which: str = "best",
+    device: str = "cpu",
+) -> Path:
+    """Plot one clip's log-Mel spectrogram above the attention map of a trained run; return the PNG path.
+
+    ``checkpoint`` is a run folder (its ``which`` model is used) or a model folder; ``features`` is an
+    HDF5 feature file or a Clotho-layout features folder (then ``split`` picks the file). Runs trained
+    with ``--attention none`` have no attention map and are refused.
+    """
+    checkpoint, features = Path(checkpoint), Path(features)
+    if not checkpoint.is_dir():
+        raise ClothoRetrieveError(f"{checkpoint}: no such run folder")
+    attention_kind = _run_model_config(checkpoint, which).get("attention")
+    if attention_kind not in ("self", "gat"):
+        raise ClothoRetrieveError(
+            f"{checkpoint}: trained with --attention {attention_kind}, which has no attention map; "
+            "pick a run trained with --attention self or --attention gat"
+        )
+    import torch
+
+    from clotho_retrieve.features import FeatureFile, features_path
+    from clotho_retrieve.models import RetrievalModel
+
+    h5 = features_path(features, split) if features.is_dir() else features
+    if not h5.is_file():
+        raise ClothoRetrieveError(f"{h5}: feature file not found; run `clotho-retrieve features` first")
+
+    feature_file = FeatureFile(h5)
+    try:
+        index = resolve_clip(list(feature_file.names), clip)
+        name = feature_file.names[index]
+        logmel = np.asarray(feature_file[index], dtype=np.float32)  # (T, M)
+        front_end = feature_file.front_end
+    finally:
+        feature_file.close()
+
+    device = resolve_device(device)
+    model = RetrievalModel.from_pretrained(checkpoint, parts=("audio",), device=device, which=which).eval()
+    with torch.inference_mode():
+        x = torch.from_numpy(logmel)[None].to(device)  # (1, T, M)
+        lengths = torch.tensor([logmel.shape[0]], device=device)  # (1,)
+        attention = model.attention_map(x, lengths)  # (1, T', T') or None
+    if attention is None:
+        raise ClothoRetrieveError(f"{checkpoint}: the model returned no attention map (attention none?)")
+    attention = attention[0].float().cpu().numpy()  # (T', T')
+
+    module = {"self": "self-attention (Eq. 3-4)", "gat": "graph attention (Eq. 1-2)"}[attention_kind]
+    return plot_attention(
+        logmel,
+        attention,
+        out,
+        hop_seconds=front_end.hop_length / front_end.sample_rate,
+        title=f"{name} - {module} of {checkpoint.resolve().name}",
+    )

@@ -88,3 +88,33 @@ def test_attention_axes_share_the_clip_duration(tmp_path, monkeypatch):
 def test_attention_rejects_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"\(T', T'\)"):
         plot_attention(np.zeros((10, 4)), np.zeros((3, 4)), tmp_path / "c.png", hop_seconds=0.01)
+
+
+def test_explain_refuses_a_run_without_attention(tmp_path):
+    from typer.testing import CliRunner
+
+    from clotho_retrieve.cli import app
+
+    run = tmp_path / "cnn14"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"attention": "none", "backbone": "tiny"}}))
+    result = CliRunner().invoke(
+        app, ["explain", "--checkpoint", str(run), "--features", str(tmp_path), "--clip", "0"]
+    )
+    assert result.exit_code == 1
+    assert "--attention none" in result.output and "has no attention map" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "attention.png").exists()
+
+
+def test_resolve_clip():
+    from clotho_retrieve.plots import resolve_clip
+
+    names = ["a/dog bark.wav", "rain.wav", "7.wav"]
+    assert resolve_clip(names, "rain.wav") == 1
+    assert resolve_clip(names, "dog bark") == 0  # stem
+    assert resolve_clip(names, "7") == 2  # a name wins over an index
+    assert resolve_clip(names, "1") == 1
+    assert resolve_clip(names, -1) == 2
+    with pytest.raises(ClothoRetrieveError, match="not an index in 0..2"):
+        resolve_clip(names, "5")
