@@ -142,9 +142,27 @@ def table_cmd() -> None:
 
 
 @command("explain")
-def explain_cmd() -> None:
-    """Plot a clip's log-Mel spectrogram beside its attention map."""
-    raise ClothoRetrieveError("explain: not implemented yet")
+def explain_cmd(
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="Run folder of `train` (attention self or gat), or a model folder."
+    ),
+    features: Path = typer.Option(
+        ..., "--features", help="Features folder (see --split) or one HDF5 features file."
+    ),
+    clip: str = typer.Option(..., "--clip", help="Clip file name (or its stem), or its index in the file."),
+    out: Path = typer.Option(Path("attention.png"), "--out", help="PNG to write."),
+    split: str = typer.Option("evaluation", "--split", help="Split to read when --features is a folder."),
+    which: str = typer.Option("best", "--which", help="Which model of a run folder: best or last."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... or auto."),
+) -> None:
+    """Plot a clip's log-Mel spectrogram beside its attention map.
+
+    Example: clotho-retrieve explain --checkpoint runs/self --features feats --clip 0 --out att.png
+    """
+    from clotho_retrieve.plots import explain
+
+    path = explain(checkpoint, features, clip, out, split=split, which=which, device=device)
+    err_console.print(f"wrote {path}")
 
 
 def main() -> None:
