@@ -1,0 +1,271 @@
+"""The retrieval model: audio tower (backbone -> attention -> mean pooling -> projector) x text tower.
+
+Both towers end in a linear projector to the joint space of width D and return unit-norm embeddings,
+so the similarity of an audio clip and a caption is their dot product (cosine similarity).
+
+On disk (``save_pretrained``)::
+
+    MODEL/config.json          ModelConfig as JSON
+    MODEL/model.safetensors    every weight, keys "audio.*" and "text.*"
+    MODEL/text/                the text model's HF config.json + tokenizer files (no weights)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clotho_retrieve.models.attention import ATTENTIONS, build_attention, masked_mean
+from clotho_retrieve.models.backbones import BACKBONES, build_backbone, load_panns_checkpoint
+from clotho_retrieve.models.text import TextEncoder
+from clotho_retrieve.utils import ClothoRetrieveError, err_console
+
+PARTS = ("audio", "text")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "cnn14"  # cnn14 | cnn10 | cnn6 (official PANNs layouts) | tiny (demo/CPU)
+    attention: str = "self"  # none | self (Eq. 3-4) | gat (Eq. 1-2)
+    d_a: int = 1024  # D_A: width of F after the backbone (a linear map C -> D_A when C != D_A)
+    embed_dim: int = 1024  # D: joint space
+    text_model: str = "bert-base-uncased"  # hub name or local folder
+    max_text_tokens: int = 64
+    text_trainable_layers: int = -1  # -1: fine-tune all of BERT; 0: freeze the BERT body; k: top k layers
+    dropout: float = 0.2
+    n_mels: int = 64
+    front_end: dict | None = None  # FrontEnd.to_dict() of the features the model was trained on
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ClothoRetrieveError(
+                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
+            )
+        if self.attention not in ATTENTIONS:
+            raise ClothoRetrieveError(
+                f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}"
+            )
+        for name in ("d_a", "embed_dim", "max_text_tokens", "n_mels"):
+            if int(getattr(self, name)) < 1:
+                raise ClothoRetrieveError(f"model setting {name} must be a positive integer")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """Build from JSON; unknown keys (e.g. from a newer version) are reported and ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            err_console.print(f"[yellow]warning:[/] ignoring unknown model settings: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class AudioEncoder(nn.Module):
+    """log-Mel (B, T, M) -> backbone frames (B, T', C) -> D_A -> attention -> mean over valid frames -> D."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.backbone = build_backbone(cfg.backbone, cfg.n_mels, cfg.dropout)
+        C = self.backbone.out_channels
+        # CNN14 gives C = 2048 channels while the paper's attention works at D_A = 1024: a linear map
+        # C -> D_A per frame, skipped when C == D_A.
+        self.to_d_a = nn.Identity() if C == cfg.d_a else nn.Linear(C, cfg.d_a)
+        self.attention = build_attention(cfg.attention, cfg.d_a, cfg.dropout)
+        self.projector = nn.Linear(cfg.d_a, cfg.embed_dim)
+
+    def frames(self, logmel: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """-> attended frames F (B, T', D_A), valid-frame mask (B, T'), weights (B, T', T') | None."""
+        F_, out_lengths = self.backbone(logmel, lengths)  # (B, T', C)
+        mask = torch.arange(F_.shape[1], device=F_.device)[None, :] < out_lengths[:, None]  # (B, T')
+        F_ = self.to_d_a(F_)  # (B, T', D_A)
+        F_, A = self.attention(F_, mask)
+        return F_, mask, A
+
+    def forward(self, logmel: Tensor, lengths: Tensor) -> Tensor:
+        F_, mask, _ = self.frames(logmel, lengths)
+        return self.projector(masked_mean(F_, mask))  # (B, D), not yet normalised
+
+
+class RetrievalModel(nn.Module):
+    """The paper's model. ``parts`` selects the towers to build (("text",) for text-only queries)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        load_text_weights: bool = True,
+        *,
+        parts: tuple[str, ...] = PARTS,
+        text_source: str | os.PathLike | None = None,
+    ):
+        super().__init__()
+        bad = set(parts) - set(PARTS)
+        if bad or not parts:
+            raise ClothoRetrieveError(f"model parts must be a non-empty subset of {PARTS}, got {parts}")
+        self.cfg = cfg
+        self.parts = tuple(p for p in PARTS if p in parts)
+        self.audio = AudioEncoder(cfg) if "audio" in parts else None
+        self.text = (
+            TextEncoder(
+                text_source or cfg.text_model,
+                cfg.embed_dim,
+                cfg.max_text_tokens,
+                cfg.text_trainable_layers,
+                load_weights=load_text_weights,
+            )
+            if "text" in parts
+            else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _need(self, part: str) -> nn.Module:
+        tower = getattr(self, part)
+        if tower is None:
+            raise ClothoRetrieveError(f"this model was loaded without its {part} tower (parts={self.parts})")
+        return tower
+
+    def _check_logmel(self, logmel: Tensor, lengths: Tensor) -> None:
+        if logmel.ndim != 3 or logmel.shape[-1] != self.cfg.n_mels:
+            raise ClothoRetrieveError(
+                f"log-Mel input has shape {tuple(logmel.shape)}; the model expects (B, T, {self.cfg.n_mels})"
+            )
+        if lengths.shape != (logmel.shape[0],):
+            raise ClothoRetrieveError(
+                f"lengths has shape {tuple(lengths.shape)}, expected ({logmel.shape[0]},)"
+            )
+
+    def encode_audio(self, logmel: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T, M), (B,) valid frames -> (B, D) unit-norm audio embeddings."""
+        audio = self._need("audio")
+        self._check_logmel(logmel, lengths)
+        return F.normalize(audio(logmel, lengths), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        """B captions -> (B, D) unit-norm text embeddings."""
+        return F.normalize(self._need("text")(texts), dim=-1)
+
+    def forward(self, logmel: Tensor, lengths: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
+        return self.encode_audio(logmel, lengths), self.encode_text(texts)
+
+    def attention_map(self, logmel: Tensor, lengths: Tensor) -> Tensor | None:
+        """Softmax attention weights (B, T', T') over backbone frames (rows i attend to columns j);
+        None for ``attention="none"``. Rows and columns beyond a clip's T' are padding."""
+        audio = self._need("audio")
+        self._check_logmel(logmel, lengths)
+        return audio.frames(logmel, lengths)[2]
+
+    def load_audio_weights(self, path: str | os.PathLike) -> dict:
+        """Load an official PANNs AudioSet checkpoint into the backbone (see load_panns_checkpoint)."""
+        return load_panns_checkpoint(self._need("audio").backbone, path)
+
+    # ------------------------------------------------------------------------------------------
+    # persistence
+    # ------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write config.json, model.safetensors and text/ into ``folder``, replacing it atomically."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"parts": ",".join(self.parts)})
+            if self.text is not None:
+                self.text.save_text_files(tmp / "text")
+            old = folder.with_name(f".{folder.name}.old")
+            if folder.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def resolve_folder(path: str | os.PathLike, which: str = "best") -> Path:
+        """A model folder, or a run folder (then ``path/which``) -> the model folder."""
+        path = Path(path)
+        if (path / which / "config.json").is_file():
+            return path / which
+        if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+            return path
+        if not path.exists():
+            raise ClothoRetrieveError(f"{path}: no such model or run folder")
+        raise ClothoRetrieveError(
+            f"{path}: neither a model folder (config.json + model.safetensors) nor a run folder with {which}/"
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        parts: tuple[str, ...] = PARTS,
+        device: str | torch.device = "cpu",
+        which: str = "best",
+    ) -> RetrievalModel:
+        """Rebuild a saved model offline: no hub access, the text tower from text/ + our weights.
+
+        ``parts=("text",)`` builds and loads only the text tower (fast text queries).
+        """
+        from safetensors import SafetensorError, safe_open
+
+        folder = cls.resolve_folder(path, which)
+        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+        try:
+            raw = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ClothoRetrieveError(f"{config_path}: unreadable model config ({exc})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+            raw = raw["model"]
+        if not isinstance(raw, dict):
+            raise ClothoRetrieveError(f"{config_path}: expected a JSON object of model settings")
+        try:
+            cfg = ModelConfig.from_dict(raw)
+        except TypeError as exc:
+            raise ClothoRetrieveError(f"{config_path}: bad model settings ({exc})") from None
+        if not weights_path.is_file():
+            raise ClothoRetrieveError(f"{weights_path}: missing; the model folder is incomplete")
+        text_dir = folder / "text"
+        if "text" in parts and not (text_dir / "config.json").is_file():
+            raise ClothoRetrieveError(f"{text_dir}: missing the text model's config.json and tokenizer")
+
+        model = cls(cfg, load_text_weights=False, parts=tuple(parts), text_source=text_dir)
+        expected = model.state_dict()
+        try:
+            with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+                keys = [k for k in f.keys() if k.split(".", 1)[0] in model.parts]
+                state = {k: f.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ClothoRetrieveError(
+                f"{weights_path}: corrupt or unreadable safetensors file ({exc})"
+            ) from None
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            example = (missing or unexpected)[0]
+            raise ClothoRetrieveError(
+                f"{weights_path}: does not match {folder / 'config.json'} "
+                f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {example})"
+            )
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise ClothoRetrieveError(
+                    f"{weights_path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+                )
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
