@@ -73,9 +73,62 @@ def _root(
 # download  (owned by clotho_retrieve/download.py)
 # ----------------------------------------------------------------------------------------------
 @command("download")
-def download_cmd() -> None:
-    """1. Download Clotho v2.1 (and optionally PANNs weights or a text model)."""
-    raise ClothoRetrieveError("download: not implemented yet")
+def download_cmd(
+    root: Path = typer.Option(
+        Path("data/clotho"), "--root", help="Clotho folder: ROOT/SPLIT/*.wav and the CSVs."
+    ),
+    split: str | None = typer.Option(
+        None,
+        "--split",
+        help="development | validation | evaluation | all. Default: all, unless only --weights or "
+        "--text-model is asked for.",
+    ),
+    mirror: str | None = typer.Option(
+        None,
+        "--mirror",
+        help="Base URL replacing Zenodo's (proxy or local copy): files are fetched as MIRROR/NAME.",
+    ),
+    keep_archives: bool = typer.Option(
+        False, "--keep-archives", help="Keep the .7z archives after extraction."
+    ),
+    weights: list[str] | None = typer.Option(
+        None, "--weights", help="Also fetch a PANNs checkpoint: cnn14 | cnn10 | cnn6 (repeatable)."
+    ),
+    cache: Path | None = typer.Option(
+        None,
+        "--cache",
+        help="PANNs checkpoint folder. Default: $CLOTHO_RETRIEVE_CACHE or ~/.cache/clotho-retrieve/panns.",
+    ),
+    text_model: str | None = typer.Option(
+        None, "--text-model", help="Also pre-fetch this Hugging Face text model (e.g. bert-base-uncased)."
+    ),
+    retries: int = typer.Option(5, "--retries", min=0, help="Retries per file for transient network errors."),
+) -> None:
+    """1. Download Clotho v2.1 (and optionally PANNs weights or a text model).
+
+    Resumable, MD5-verified and idempotent: a complete ROOT is left alone without a network request.
+    """
+    from rich.table import Table
+
+    from clotho_retrieve.download import download_clotho, download_panns, download_text_model
+    from clotho_retrieve.utils import console
+
+    if split is not None or not (weights or text_model):
+        report = download_clotho(
+            root, split or "all", mirror=mirror, keep_archives=keep_archives, retries=retries
+        )
+        table = Table(title=f"Clotho v2.1 in {report.root}")
+        for column in ("split", "clips", "status", "folder"):
+            table.add_column(column, justify="right" if column == "clips" else "left")
+        for s in report.splits:
+            table.add_row(s.split, str(s.clips), s.status, str(s.folder))
+        console.print(table)
+        if all(s.status == "in place" for s in report.splits):
+            console.print("Everything is already in place; nothing was downloaded.")
+    for name in weights or []:
+        console.print(f"PANNs {name}: {download_panns(name, cache=cache, mirror=mirror, retries=retries)}")
+    if text_model:
+        console.print(f"text model {text_model}: {download_text_model(text_model)}")
 
 
 # ----------------------------------------------------------------------------------------------
