@@ -135,9 +135,23 @@ def download_cmd(
 # demo-data  (owned by clotho_retrieve/demo.py)
 # ----------------------------------------------------------------------------------------------
 @command("demo-data")
-def demo_data_cmd() -> None:
-    """Write the synthetic demo dataset in Clotho's on-disk layout."""
-    raise ClothoRetrieveError("demo-data: not implemented yet")
+def demo_data_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder to write (Clotho v2.1 layout: splits + CSVs)."),
+    n_development: int = typer.Option(250, help="Clips in the development split."),
+    n_validation: int = typer.Option(50, help="Clips in the validation split."),
+    n_evaluation: int = typer.Option(100, help="Clips in the evaluation split."),
+    duration: float = typer.Option(5.0, help="Mean clip length in seconds (each clip within +-20 %)."),
+    seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
+) -> None:
+    """Write the synthetic demo dataset in Clotho's on-disk layout.
+
+    Example: clotho-retrieve demo-data --out demo/data
+    """
+    from clotho_retrieve.demo import DemoConfig, make_demo_data
+    from clotho_retrieve.utils import console
+
+    sizes = make_demo_data(out, DemoConfig(n_development, n_validation, n_evaluation, duration, seed))
+    console.print(f"demo data: {', '.join(f'{n} {s}' for s, n in sizes.items())} clips in {out}")
 
 
 # ----------------------------------------------------------------------------------------------
