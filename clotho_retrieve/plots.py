@@ -125,14 +125,16 @@ def plot_attention(
     attention: np.ndarray,
     out: str | Path,
     hop_seconds: float,
+    frame_stride: float | None = None,
     title: str = "",
 ) -> Path:
     """Log-Mel spectrogram (T, M) above the attention map A (T', T') on one time axis in seconds.
 
-    The T' attention frames are spread evenly over the T log-Mel frames (each covers T/T' of them, the
-    backbone's time downsampling), so frame j of A spans [j, j+1) * (T/T') * hop seconds and lines up
-    with the spectrogram above it. Row i of A is query frame i's softmax over key frames j; the middle
-    panel is the attention each key frame receives, averaged over query frames.
+    Attention frame j is the average pooling of log-Mel frames [j * s, (j + 1) * s), s = ``frame_stride``
+    (the backbone's time downsampling, 32 for CNN14; default T / T'), so it is drawn over
+    [j * s, (j + 1) * s) * hop seconds, under the spectrogram frames it summarises (frames left over by
+    the floor division of the pooling show as the uncovered tail). Row i of A is query frame i's softmax
+    over key frames j; the middle panel is the attention each key frame receives, averaged over queries.
     Writes an 800 x 1000 px PNG and returns its path.
     """
     logmel = np.asarray(logmel, dtype=np.float32)
@@ -143,16 +145,26 @@ def plot_attention(
         raise ValueError(f"attention must be (T', T'), got {attention.shape}")
     n_frames, n_mels = logmel.shape  # T, M
     n_att = attention.shape[0]  # T'
-    duration = n_frames * hop_seconds  # seconds covered by the T log-Mel frames
-    edges = np.linspace(0.0, duration, n_att + 1)  # T'+1 boundaries of the attention frames
+    stride = n_frames / n_att if frame_stride is None else frame_stride  # log-Mel frames per A frame
+    edges = np.arange(n_att + 1) * stride * hop_seconds  # T'+1 boundaries of the attention frames (s)
+    duration = max(n_frames * hop_seconds, edges[-1])  # seconds shown (T frames; more if padded)
 
     plt = _pyplot()
     fig, (ax_mel, ax_recv, ax_att) = plt.subplots(
-        3, 1, figsize=EXPLAIN_SIZE, dpi=DPI, sharex=True, layout="constrained",
+        3,
+        1,
+        figsize=EXPLAIN_SIZE,
+        dpi=DPI,
+        sharex=True,
+        layout="constrained",
         gridspec_kw={"height_ratios": [1.0, 0.45, 2.2]},
     )
     im_mel = ax_mel.imshow(
-        logmel.T, origin="lower", aspect="auto", cmap="magma", interpolation="nearest",
+        logmel.T,
+        origin="lower",
+        aspect="auto",
+        cmap="magma",
+        interpolation="nearest",
         extent=(0.0, duration, -0.5, n_mels - 0.5),
     )
     ax_mel.set(title=f"log-Mel spectrogram (T = {n_frames} frames, {n_mels} bands)", ylabel="Mel band")
@@ -165,10 +177,11 @@ def plot_attention(
     ax_recv.legend(fontsize="small", loc="upper right")
 
     im_att = ax_att.pcolormesh(edges, edges, attention, cmap="viridis", shading="flat")
-    ax_att.set_ylim(duration, 0.0)  # query time runs downwards, like a matrix
+    ax_att.set_ylim(edges[-1], 0.0)  # query time runs downwards, like a matrix
     ax_att.set(
         title=f"attention map A (T' = {n_att} frames): row = query frame i, column = key frame j",
-        xlabel="time (s)", ylabel="query frame time (s)",
+        xlabel="time (s)",
+        ylabel="query frame time (s)",
     )
     fig.colorbar(im_att, ax=ax_att, label="softmax weight", pad=0.01)
     ax_att.set_xlim(0.0, duration)
@@ -206,9 +219,7 @@ def resolve_clip(names: list[str], clip: str | int) -> int:
             raise ClothoRetrieveError(f"--clip {clip}: matches {len(candidates)} clips; give the full name")
     if clip.lstrip("-").isdigit() and -len(names) <= int(clip) < len(names):
         return int(clip) % len(names)
-    raise ClothoRetrieveError(
-        f"--clip {clip}: no such clip name, and not an index in 0..{len(names) - 1}"
-    )
+    raise ClothoRetrieveError(f"--clip {clip}: no such clip name, and not an index in 0..{len(names) - 1}")
 
 
 def explain(
@@ -269,5 +280,6 @@ def explain(
         attention,
         out,
         hop_seconds=front_end.hop_length / front_end.sample_rate,
-        title=f"{name} - {module} of {checkpoint.resolve().name}",
+        frame_stride=model.audio.backbone.time_stride,
+        title=f"{name}: {module}, run {checkpoint.resolve().name}",
     )

@@ -213,3 +213,54 @@ def test_run_table_refuses_other_settings_in_the_same_folder(tmp_path, tiny_feat
     run_table(tiny_features, out, FakeModelConfig(), FakeTrainConfig(), variants="cnn14")
     with pytest.raises(ClothoRetrieveError, match=r"other settings \(train.seed\)"):
         run_table(tiny_features, out, FakeModelConfig(), FakeTrainConfig(seed=7), variants="gat")
+
+
+# ----------------------------------------------------------------------------------------------
+# The real thing, one variant: train.train / train.evaluate / explain on a tiny generated folder
+# ----------------------------------------------------------------------------------------------
+def test_table_command_trains_and_explains_for_real(tmp_path, minilm_path):
+    """`table` with the real trainer (tiny backbone, frozen MiniLM, 1 epoch), then `explain` on its run."""
+    from matplotlib.image import imread
+    from typer.testing import CliRunner
+
+    from clotho_retrieve.cli import app
+    from clotho_retrieve.features import PRESETS, write_feature_file
+    from clotho_retrieve.plots import DPI, EXPLAIN_SIZE
+
+    rng = np.random.default_rng(0)
+    feats = tmp_path / "features"
+    for split, n in (("development", 6), ("validation", 3), ("evaluation", 3)):
+        names = [f"{split}_{i}.wav" for i in range(n)]
+        mels = [rng.normal(size=(int(rng.integers(64, 100)), 64)).astype(np.float32) for _ in names]
+        caps = [[f"sound {i} of the {split} split"] for i in range(n)]
+        write_feature_file(feats / f"{split}.h5", names, mels, [1.0] * n, PRESETS["paper"], caps)
+
+    out = tmp_path / "table"
+    common = ["--features", str(feats), "--out", str(out), "--variants", "self-supcon", "--backbone", "tiny"]
+    common += ["--text-model", minilm_path, "--text-trainable-layers", "0", "--d-a", "16", "--embed-dim", "8"]
+    common += ["--epochs", "1", "--batch-size", "3", "--device", "cpu", "--eval-batch-size", "3"]
+    result = CliRunner().invoke(app, ["table", *common])
+    assert result.exit_code == 0, result.output
+    run = out / "self-supcon"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"]["attention"], config["train"]["loss"]) == ("self", "supcon")
+    saved = json.loads((run / "table_result.json").read_text())
+    with open(out / "table.csv", newline="") as fh:
+        (ours,) = [r for r in csv.DictReader(fh) if r["source"] == "ours"]
+    assert ours["variant"] == "self-attention + supervised"
+    assert float(ours["mAP@10"]) == pytest.approx(
+        100 * saved["metrics"]["text_to_audio"]["mAP@10"], abs=0.005
+    )
+    assert 1 / 3 - 1e-9 <= saved["metrics"]["text_to_audio"]["mAP@10"] <= 1.0  # 3 clips: rank <= 3
+    assert (run / "curves.png").is_file()
+
+    # Finished: re-running does not train again (the run folder is left as it was).
+    mtime = (run / "last" / "trainer_state.pt").stat().st_mtime_ns
+    assert CliRunner().invoke(app, ["table", *common]).exit_code == 0
+    assert (run / "last" / "trainer_state.pt").stat().st_mtime_ns == mtime
+
+    png = tmp_path / "explain.png"
+    args = ["explain", "--checkpoint", str(run), "--features", str(feats), "--clip", "evaluation_1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(png)])
+    assert result.exit_code == 0, result.output
+    assert imread(png).shape[:2] == (EXPLAIN_SIZE[1] * DPI, EXPLAIN_SIZE[0] * DPI)

@@ -85,6 +85,19 @@ def test_attention_axes_share_the_clip_duration(tmp_path, monkeypatch):
     np.testing.assert_allclose(coords[0, :, 0], np.linspace(0.0, 2.0, 5))  # 4 frames of 0.5 s each
 
 
+def test_attention_frames_sit_under_the_frames_they_pool(tmp_path, monkeypatch):
+    """With a pooling stride s, frame j of A covers log-Mel frames [j*s, (j+1)*s): T = 100, s = 32, T' = 3."""
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    plot_attention(np.zeros((100, 8)), np.eye(3), tmp_path / "c.png", hop_seconds=0.01, frame_stride=32)
+    ax_mel, _, ax_att = figures[0].axes[:3]
+    np.testing.assert_allclose(ax_att.collections[0].get_coordinates()[0, :, 0], [0.0, 0.32, 0.64, 0.96])
+    assert ax_mel.get_xlim() == pytest.approx((0.0, 1.0))  # the whole clip, tail included
+    assert ax_att.get_ylim() == pytest.approx((0.96, 0.0))
+
+
 def test_attention_rejects_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"\(T', T'\)"):
         plot_attention(np.zeros((10, 4)), np.zeros((3, 4)), tmp_path / "c.png", hop_seconds=0.01)
