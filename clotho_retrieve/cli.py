@@ -203,9 +203,118 @@ def query_cmd() -> None:
 # table / explain  (owned by clotho_retrieve/experiments.py and clotho_retrieve/plots.py)
 # ----------------------------------------------------------------------------------------------
 @command("table")
-def table_cmd() -> None:
-    """Reproduce the paper's Table I: train and evaluate the four variants."""
-    raise ClothoRetrieveError("table: not implemented yet")
+def table_cmd(
+    features: Path = typer.Option(
+        ..., "--features", help="Features folder with development.h5, validation.h5, evaluation.h5."
+    ),
+    out: Path = typer.Option(
+        Path("runs/table"), "--out", help="Folder for one run per variant, table.md and table.csv."
+    ),
+    variants: str = typer.Option(
+        "cnn14,gat,self,self-supcon",
+        "--variants",
+        help="Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7).",
+    ),
+    split: str = typer.Option("evaluation", "--split", help="Split the table is measured on."),
+    backbone: str = typer.Option("cnn14", "--backbone", help="cnn14 | cnn10 | cnn6 | tiny (CPU demo)."),
+    audio_weights: str | None = typer.Option(
+        None, "--audio-weights", help="PANNs checkpoint: a .pth path, or cnn14 | cnn10 | cnn6."
+    ),
+    text_model: str = typer.Option(
+        "bert-base-uncased", "--text-model", help="Hugging Face BERT name or a local model folder."
+    ),
+    text_trainable_layers: int = typer.Option(
+        -1, "--text-trainable-layers", help="-1: fine-tune all of BERT; 0: freeze its body; k: top k layers."
+    ),
+    embed_dim: int = typer.Option(1024, "--embed-dim", help="D, the joint embedding width."),
+    d_a: int = typer.Option(1024, "--d-a", help="D_A, the attention width."),
+    dropout: float = typer.Option(0.2, "--dropout", help="Dropout in the backbone and attention."),
+    max_text_tokens: int = typer.Option(64, "--max-text-tokens", help="Captions are cut to this length."),
+    tau: float = typer.Option(0.07, "--tau", help="Temperature of both losses."),
+    train_splits: str = typer.Option(
+        "development", "--train-splits", help="Comma-separated splits to train on."
+    ),
+    val_split: str = typer.Option(
+        "validation", "--val-split", help="Split selecting best/ by mAP@10; 'none': best = last."
+    ),
+    batch_size: int = typer.Option(60, "--batch-size", help="Global batch size."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Adam weight decay."),
+    epochs: int = typer.Option(40, "--epochs", help="Training epochs per variant."),
+    schedule: str = typer.Option("cosine", "--schedule", help="Schedule after warmup: cosine | constant."),
+    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warmup length in epochs."),
+    grad_clip: float = typer.Option(2.0, "--grad-clip", help="Max gradient L2 norm; 0 turns clipping off."),
+    captions: str = typer.Option(
+        "all", "--captions", help="all: every (clip, caption) pair per epoch; random: one caption per clip."
+    ),
+    spec_augment: bool = typer.Option(
+        True, "--spec-augment/--no-spec-augment", help="SpecAugment masking of the training log-Mels."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed, the same for every variant."),
+    num_workers: int = typer.Option(
+        -1, "--num-workers", help="Data-loader worker processes; -1: 4 on CUDA, 0 on CPU."
+    ),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (ignored on CPU)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
+    eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="Clips per batch when evaluating."),
+) -> None:
+    """Reproduce the paper's Table I: train and evaluate the four variants.
+
+    Every variant gets the same settings and seed; only the attention module (none | gat | self) and
+    the loss (NT-Xent, Eq. 6 | supervised contrastive, Eq. 7) change. Re-run the same command to
+    resume: finished variants are kept, an interrupted one continues from its last checkpoint.
+
+    Example: clotho-retrieve table --features demo/features --out demo/table --backbone tiny --epochs 3
+    """
+    from rich.table import Table
+
+    from clotho_retrieve.experiments import METRICS, PAPER_TABLE_I, VARIANTS, run_table
+    from clotho_retrieve.models import ModelConfig
+    from clotho_retrieve.train import TrainConfig
+    from clotho_retrieve.utils import console
+
+    model_cfg = ModelConfig(
+        backbone=backbone,
+        d_a=d_a,
+        embed_dim=embed_dim,
+        text_model=text_model,
+        max_text_tokens=max_text_tokens,
+        text_trainable_layers=text_trainable_layers,
+        dropout=dropout,
+    )
+    train_cfg = TrainConfig(
+        features=str(features),
+        out=str(out),
+        train_splits=tuple(s.strip() for s in train_splits.split(",") if s.strip()),
+        val_split=None if val_split.lower() in ("", "none") else val_split,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        grad_clip=grad_clip,
+        tau=tau,
+        captions=captions,
+        spec_augment=spec_augment,
+        audio_weights=audio_weights,
+        seed=seed,
+        num_workers=num_workers,
+        amp=amp,
+        device=device,
+        eval_batch_size=eval_batch_size,
+    )
+    results, md_path, csv_path = run_table(features, out, model_cfg, train_cfg, variants, split)
+
+    table = Table(title=f"Table I on the {split} split: text-to-audio, %, ours / paper")
+    table.add_column("variant")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    for name, metrics in results.items():
+        paper = PAPER_TABLE_I[name]
+        table.add_row(VARIANTS[name].label, *(f"{100 * metrics[m]:.1f} / {paper[m]:.1f}" for m in METRICS))
+    console.print(table)
+    err_console.print(f"wrote {md_path} and {csv_path}")
 
 
 @command("explain")
