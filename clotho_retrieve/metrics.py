@@ -26,7 +26,9 @@ KS = (1, 5, 10)
 
 
 def _as_tensors(sim, index) -> tuple[Tensor, Tensor]:
-    sim = torch.as_tensor(np.asarray(sim) if not isinstance(sim, Tensor) else sim).detach().float()
+    sim = torch.as_tensor(np.asarray(sim) if not isinstance(sim, Tensor) else sim).detach()
+    if sim.dtype not in (torch.float32, torch.float64):
+        sim = sim.float()  # keep float64 as is: rounding could create ties that are not there
     index = torch.as_tensor(np.asarray(index) if not isinstance(index, Tensor) else index).detach()
     index = index.to(device=sim.device, dtype=torch.long)
     if sim.ndim != 2 or index.ndim != 1:
