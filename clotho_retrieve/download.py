@@ -295,7 +295,9 @@ def _fetch_to_part(
             received = _fetch_once(url, part, offset, size, timeout, bar, task, dest)
             return resumed
         except urllib.error.HTTPError as exc:
-            if exc.code == 416 and offset > 0:  # our .part is not a prefix the server can continue
+            if exc.code == 416 and offset > 0:  # resume past the end: complete already, or a foreign .part
+                if (exc.headers.get("Content-Range") or "").endswith(f"/{offset}"):
+                    return True  # "bytes */N" with N == our length: the .part is the whole file
                 part.unlink()
                 error = f"HTTP 416 for a resume at byte {offset}"
             elif exc.code in TRANSIENT_HTTP_CODES:

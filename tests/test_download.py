@@ -51,6 +51,7 @@ class FakeZenodo:
         self.requests: list[tuple[str, str | None]] = []
         self.drop_once: set[str] = set()  # first full response is cut after half its body
         self.corrupt: set[str] = set()  # same length, first bytes flipped
+        self.ignore_range: set[str] = set()  # answers 200 with the whole file, as some servers do
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -61,6 +62,8 @@ class FakeZenodo:
                 name = unquote(self.path.lstrip("/").split("?")[0])
                 rng = self.headers.get("Range")
                 fake.requests.append((name, rng))
+                if name in fake.ignore_range:
+                    rng = None
                 if name not in fake.files:
                     self.send_error(404)
                     return
@@ -68,6 +71,12 @@ class FakeZenodo:
                 if name in fake.corrupt:
                     data = bytes(b ^ 0xFF for b in data[:8]) + data[8:]
                 start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = data[start:]
                 self.send_response(206 if rng else 200)
                 if rng:
@@ -200,6 +209,25 @@ def test_resumes_part_left_by_an_earlier_run(tmp_path):
     assert (tmp_path / "blob.bin").read_bytes() == blob
 
 
+def test_server_ignoring_range_gets_a_fresh_file(tmp_path):
+    blob = os.urandom(30_000)
+    (tmp_path / "blob.bin.part").write_bytes(blob[:10_000])
+    with FakeZenodo({"blob.bin": blob}) as srv:
+        srv.ignore_range.add("blob.bin")
+        download_file(srv.url + "blob.bin", tmp_path / "blob.bin", md5=hashlib.md5(blob).hexdigest())
+    assert srv.requests == [("blob.bin", "bytes=10000-")]
+    assert (tmp_path / "blob.bin").read_bytes() == blob  # not the first 10,000 bytes twice
+
+
+def test_complete_part_of_unknown_size_is_finished_not_refetched(tmp_path):
+    blob = os.urandom(20_000)
+    (tmp_path / "blob.bin.part").write_bytes(blob)  # e.g. interrupted between last byte and rename
+    with FakeZenodo({"blob.bin": blob}) as srv:
+        download_file(srv.url + "blob.bin", tmp_path / "blob.bin", md5=hashlib.md5(blob).hexdigest())
+    assert srv.requests == [("blob.bin", "bytes=20000-")]  # answered 416 "bytes */20000"
+    assert (tmp_path / "blob.bin").read_bytes() == blob
+
+
 def test_wrong_resumed_part_restarts_from_scratch_once(tmp_path):
     blob = os.urandom(20_000)
     (tmp_path / "blob.bin.part").write_bytes(b"\0" * 5_000)  # not a prefix of the real file
@@ -277,6 +305,17 @@ def test_extract_corrupt_archive_leaves_nothing(tmp_path):
     with pytest.raises(ClothoRetrieveError, match=r"a\.7z: corrupt or unreadable 7z archive"):
         extract_7z(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_checks_free_space_first(tmp_path, monkeypatch):
+    archive = tmp_path / "a.7z"
+    archive.write_bytes(_7z({"d/a.wav": b"\0" * 100_000}))  # compresses to a few hundred bytes
+    monkeypatch.setattr(download, "_free_bytes", lambda folder: download.DISK_MARGIN_BYTES + 50_000)
+    with pytest.raises(ClothoRetrieveError, match=r"extracting a\.7z: needs 0\.00 GiB but only"):
+        extract_7z(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(download, "_free_bytes", lambda folder: download.DISK_MARGIN_BYTES + 100_000)
+    assert (extract_7z(archive, tmp_path / "out") / "d" / "a.wav").read_bytes() == b"\0" * 100_000
 
 
 def test_missing_clips_compares_unicode_normalised_names(tmp_path):
