@@ -158,9 +158,42 @@ def demo_data_cmd(
 # features  (owned by clotho_retrieve/features.py)
 # ----------------------------------------------------------------------------------------------
 @command("features")
-def features_cmd() -> None:
-    """2. Compute log-Mel spectrograms into an HDF5 cache."""
-    raise ClothoRetrieveError("features: not implemented yet")
+def features_cmd(
+    out: Path = typer.Option(..., "--out", help="A folder (with --root) or a FILE.h5 (with --audio-dir)."),
+    root: Path | None = typer.Option(None, help="Clotho-layout root: split folders + clotho_captions_*.csv."),
+    audio_dir: Path | None = typer.Option(
+        None, help="Any folder of audio (WAV/FLAC/OGG/MP3, searched recursively) to index your own sounds."
+    ),
+    split: list[str] | None = typer.Option(
+        None, help="Only this split (repeatable; with --root). Default: every split found."
+    ),
+    preset: str = typer.Option("paper", help="Front end: 'paper' (44.1 kHz, Hamming) or 'panns' (32 kHz)."),
+    sample_rate: int | None = typer.Option(None, help="Override the preset's sample rate (Hz)."),
+    n_fft: int | None = typer.Option(None, help="Override the FFT size."),
+    win_length: int | None = typer.Option(None, help="Override the window length (samples)."),
+    hop_length: int | None = typer.Option(None, help="Override the hop (samples)."),
+    window: str | None = typer.Option(None, help="Override the window: hamming | hann (periodic)."),
+    n_mels: int | None = typer.Option(None, help="Override the number of Mel bands."),
+    f_min: float | None = typer.Option(None, help="Override the lowest Mel frequency (Hz)."),
+    f_max: float | None = typer.Option(None, help="Override the highest Mel frequency (Hz)."),
+    workers: int = typer.Option(0, help="Worker processes; 0 = all cores."),
+    strict: bool = typer.Option(False, help="Stop at the first bad file instead of skipping it."),
+) -> None:
+    """2. Compute log-Mel spectrograms into an HDF5 cache.
+
+    Examples: clotho-retrieve features --root data/clotho --out data/features ;
+    clotho-retrieve features --audio-dir ~/sounds --out sounds.h5 --preset panns
+    """
+    from clotho_retrieve.features import FeaturesConfig, compute_features, print_report
+
+    overrides = {
+        k: v
+        for k, v in dict(sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length,
+                         window=window, n_mels=n_mels, f_min=f_min, f_max=f_max).items()
+        if v is not None
+    }
+    cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict)
+    print_report(compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def captions_for(d: Description, rng: np.random.Generator, n: int = 5) -> list[s
             lambda a, b: f"{pick(bg.phrases).strip()}, {pick(a.clauses)}",
             lambda a, b: f"{pick(a.nouns)} can be heard{pick(bg.phrases)}",
             lambda a, b: f"{pick(a.clauses)} repeatedly{pick(bg.phrases)}",
-            lambda a, b: f"there is {pick(a.nouns)}{pick(bg.phrases)}",
+            lambda a, b: f"{pick(a.nouns)} over and over{pick(bg.phrases)}",
         ]
     elif d.relation == "then":
         templates = [
@@ -324,7 +324,7 @@ def captions_for(d: Description, rng: np.random.Generator, n: int = 5) -> list[s
             lambda a, b: f"first {pick(a.clauses)} and afterwards {pick(b.clauses)}{pick(bg.phrases)}",
             lambda a, b: f"{pick(b.clauses)} after {pick(a.clauses)}{pick(bg.phrases)}",
             lambda a, b: f"{pick(a.clauses)}{pick(bg.phrases)}, and later {pick(b.clauses)}",
-            lambda a, b: f"{pick(a.nouns)} is followed by {pick(b.nouns)}{pick(bg.phrases)}",
+            lambda a, b: f"{pick(a.nouns)} and then {pick(b.nouns)}{pick(bg.phrases)}",
         ]
     else:
         templates = [

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,45 +328,62 @@ def _checked(blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         yield b
 
 
-def file_log_mel(
+def _truncated_wav(info: str) -> str | None:
+    """libsndfile logs 'data : N (should be M)' for a WAV whose data chunk runs past the file's end."""
+    m = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", info, re.M)
+    if m and int(m.group(1)) > int(m.group(2)):
+        return f"truncated: data chunk declares {m.group(1)} bytes, the file holds {m.group(2)}"
+    return None
+
+
+def decode_log_mel(
     path: str | os.PathLike, front_end: FrontEnd, stream_above: int = STREAM_ABOVE, block: int = 1 << 18
 ) -> tuple[np.ndarray, float]:
     """Decode an audio file (soundfile), mix to mono, return ((T, n_mels) log-Mel, duration in s).
 
     Files longer than ``stream_above`` frames are decoded and transformed block by block in bounded
-    memory (same frames as the whole-file path). Every problem is a ClothoRetrieveError naming the file.
+    memory (same frames as the whole-file path). Problems raise ClothoRetrieveError with the reason only
+    (file_log_mel adds the file name).
     """
     import soundfile as sf
 
-    path = Path(path)
     try:
         with sf.SoundFile(str(path)) as f:
             sr, declared = f.samplerate, f.frames
+            if reason := _truncated_wav(f.extra_info):
+                raise ClothoRetrieveError(reason)
             if declared <= 0:
                 raise ClothoRetrieveError("no audio samples (empty or truncated file)")
             if declared <= stream_above:
-                wave = np.concatenate(list(_checked(_mono_blocks(f, max(declared, 1)))) or [np.zeros(0)])
-                n_read = len(wave)
-                mel = None
+                wave = np.concatenate(list(_checked(_mono_blocks(f, declared))) or [np.zeros(0, np.float32)])
+                n_read, mel = len(wave), None
             else:
-                stream = _StreamingLogMel(sr, front_end, block=block)
-                n_read = 0
+                stream, n_read = _StreamingLogMel(sr, front_end, block=block), 0
                 for b in _checked(_mono_blocks(f, block)):
                     stream.push(b)
                     n_read += len(b)
-                mel = stream.finish()
+                mel = stream.finish() if n_read >= declared else None
         if n_read < declared:
             raise ClothoRetrieveError(f"truncated: header declares {declared} frames, only {n_read} decode")
         if mel is None:
             mel = log_mel(wave, sr, front_end)
+    except ClothoRetrieveError:
+        raise
+    except sf.LibsndfileError as exc:
+        raise ClothoRetrieveError(f"unreadable audio ({exc.error_string.strip()})") from None
+    except (RuntimeError, ValueError, TypeError, OSError) as exc:
+        raise ClothoRetrieveError(f"unreadable audio ({type(exc).__name__}: {exc})") from None
+    if not np.all(np.isfinite(mel)):  # cannot happen after the checks above; never store NaN
+        raise ClothoRetrieveError("non-finite features")
+    return mel, n_read / sr
+
+
+def file_log_mel(path: str | os.PathLike, front_end: FrontEnd) -> tuple[np.ndarray, float]:
+    """decode_log_mel with the file name in every error message (for one-off files, e.g. query by example)."""
+    try:
+        return decode_log_mel(path, front_end)
     except ClothoRetrieveError as exc:
         raise ClothoRetrieveError(f"{path}: {exc}") from None
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClothoRetrieveError(f"{path}: unreadable audio ({reason})") from None
-    if not np.all(np.isfinite(mel)):  # cannot happen after the checks above; never store NaN
-        raise ClothoRetrieveError(f"{path}: non-finite features")
-    return mel, n_read / sr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,19 +493,23 @@ def write_feature_file(
     front_end: FrontEnd,
     captions: list[list[str]] | None = None,
     skipped: list[tuple[str, str]] | None = None,
+    n_frames: list[int] | None = None,
     **attrs,
 ) -> Path:
     """Write a complete features file atomically (temporary name, then rename); see the module docstring.
 
-    ``mels`` is consumed once, in order; clip i must have front_end.n_mels columns.
+    ``mels`` is consumed once, in order; clip i must have front_end.n_mels columns. With ``n_frames``
+    given, ``mels`` may be a lazy iterator (bounded memory).
     """
     import h5py
 
     from clotho_retrieve.utils import atomic_path
 
     path = Path(path)
-    mels = list(mels) if not isinstance(mels, list) else mels
-    n_frames = np.array([len(m) for m in mels], np.int64)
+    if n_frames is None:
+        mels = list(mels)
+        n_frames = [len(m) for m in mels]
+    n_frames = np.asarray(n_frames, np.int64).reshape(len(names))
     offsets = np.concatenate([[0], np.cumsum(n_frames)]).astype(np.int64)
     captions = captions if captions is not None else [[] for _ in names]
     k = max((len(c) for c in captions), default=0)
@@ -495,11 +517,14 @@ def write_feature_file(
     skipped = skipped or []
     text = h5py.string_dtype("utf-8")
     with atomic_path(path, suffix=".h5.tmp") as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         with h5py.File(tmp, "w") as h5:
             mel_ds = h5.create_dataset("mel", shape=(int(offsets[-1]), front_end.n_mels), dtype=np.float32)
             for m, a, b in zip(mels, offsets[:-1], offsets[1:], strict=True):
-                if m.shape[1:] != (front_end.n_mels,):
-                    raise ValueError(f"clip features of shape {m.shape}, expected (T, {front_end.n_mels})")
+                if m.shape != (b - a, front_end.n_mels):
+                    raise ValueError(f"clip features {m.shape}, expected ({b - a}, {front_end.n_mels})")
                 if b > a:
                     mel_ds[a:b] = m
             h5.create_dataset("offsets", data=offsets)
@@ -516,3 +541,384 @@ def write_feature_file(
             for key, value in attrs.items():
                 h5.attrs[key] = value
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The `features` stage: jobs, resumable shards, parallel workers, assembly
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class FeaturesConfig:
+    """Settings of one `features` run (saved as features_config.json beside the output)."""
+
+    preset: str = "paper"
+    overrides: dict = dataclasses.field(default_factory=dict)  # FrontEnd fields that replace the preset's
+    workers: int = 0  # 0: all cores
+    strict: bool = False
+
+    def front_end(self) -> FrontEnd:
+        if self.preset not in PRESETS:
+            raise ClothoRetrieveError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[self.preset], **self.overrides)
+
+
+@dataclass
+class Job:
+    """One output HDF5 file: the clips to compute, in order, and the problems found before decoding."""
+
+    out: Path
+    names: list[str]
+    paths: list[Path]
+    captions: list[list[str]]
+    skipped: list[tuple[str, str]]
+    attrs: dict
+
+
+def _read_captions(csv_path: Path) -> list[tuple[str, list[str]]]:
+    import csv
+
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "file_name" not in reader.fieldnames:
+                raise ClothoRetrieveError(f"{csv_path}: no 'file_name' column; not a Clotho captions CSV")
+            cols = sorted((c for c in reader.fieldnames if c.startswith("caption")), key=_caption_index)
+            return [(row["file_name"], [(row[c] or "").strip() for c in cols if (row[c] or "").strip()])
+                    for row in reader]
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ClothoRetrieveError(f"{csv_path}: unreadable captions CSV ({exc})") from None
+
+
+def _caption_index(col: str) -> int:
+    digits = re.sub(r"\D", "", col)
+    return int(digits) if digits else 0
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def clotho_jobs(
+    root: str | os.PathLike, out_dir: str | os.PathLike, splits: list[str] | None = None
+) -> list[Job]:
+    """One job per split of a Clotho-layout root (split folders + clotho_captions_{split}.csv)."""
+    root, out_dir = Path(root), Path(out_dir)
+    if not root.is_dir():
+        raise ClothoRetrieveError(f"{root}: not a folder; pass the Clotho root (with development/ ...)")
+    found = [s for s in SPLITS if (root / s).is_dir() or (root / f"clotho_captions_{s}.csv").is_file()]
+    for s in splits or []:
+        if s not in SPLITS:
+            raise ClothoRetrieveError(f"unknown --split {s!r}; choose from {', '.join(SPLITS)}")
+        if s not in found:
+            raise ClothoRetrieveError(f"{root / s}: split not found (no folder and no captions CSV)")
+    if not found:
+        raise ClothoRetrieveError(
+            f"{root}: no Clotho split found (expected development/, validation/ or evaluation/ with "
+            "clotho_captions_<split>.csv); run `clotho-retrieve download` or `demo-data`"
+        )
+    jobs = []
+    for split in splits or found:
+        folder, csv_path = root / split, root / f"clotho_captions_{split}.csv"
+        on_disk = {p.name: p for p in (folder.iterdir() if folder.is_dir() else []) if p.is_file()}
+        names, paths, captions, skipped, seen = [], [], [], [], set()
+        if csv_path.is_file():
+            for name, caps in _read_captions(csv_path):
+                if name in seen:
+                    skipped.append((name, f"duplicated file name in {csv_path.name}"))
+                elif name not in on_disk:
+                    skipped.append((name, f"listed in {csv_path.name} but missing from {split}/"))
+                else:
+                    names.append(name)
+                    paths.append(on_disk[name])
+                    captions.append(caps)
+                seen.add(name)
+            for name in sorted(set(on_disk) - seen):
+                if Path(name).suffix.lower() in AUDIO_SUFFIXES:
+                    skipped.append((name, f"no caption row in {csv_path.name}"))
+        else:  # a split without captions: every audio file of its folder
+            for p in _audio_files(folder):
+                names.append(p.relative_to(folder).as_posix())
+                paths.append(p)
+                captions.append([])
+        jobs.append(Job(features_path(out_dir, split), names, paths, captions, skipped,
+                        {"split": split, "source": str(root.resolve())}))
+    return jobs
+
+
+def audio_dir_job(audio_dir: str | os.PathLike, out: str | os.PathLike) -> Job:
+    """One job for every audio file under a folder (recursively); names are relative paths."""
+    audio_dir = Path(audio_dir)
+    if not audio_dir.is_dir():
+        raise ClothoRetrieveError(f"{audio_dir}: not a folder")
+    paths = _audio_files(audio_dir)
+    names = [p.relative_to(audio_dir).as_posix() for p in paths]
+    attrs = {"split": "", "source": str(audio_dir.resolve())}
+    return Job(Path(out), names, paths, [[] for _ in names], [], attrs)
+
+
+def _work_dir(out: Path, front_end: FrontEnd) -> Path:
+    """Shard folder beside the output, specific to the front end (a changed front end starts afresh)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha1(json.dumps(front_end.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    return out.parent / f".{out.name}.{digest}.work"
+
+
+def _shard_name(name: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(name.encode("utf-8")).hexdigest()[:20]
+
+
+def _signature(path: Path) -> np.ndarray:
+    st = path.stat()
+    return np.array([st.st_size, st.st_mtime_ns], np.int64)
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one clip per process; processes give the parallelism
+
+
+def _compute_shard(name: str, path: Path, work: Path, front_end: FrontEnd) -> tuple[str, str | None]:
+    """Compute one clip and save its shard atomically: <hash>.npz (features) or <hash>.skip (reason)."""
+    import json
+
+    from clotho_retrieve.utils import atomic_path
+
+    key = _shard_name(name)
+    try:
+        signature = _signature(path)
+        mel, duration = decode_log_mel(path, front_end)
+    except ClothoRetrieveError as exc:
+        reason = str(exc)
+    except Exception as exc:  # never let one file end the run; report it in the skip table
+        reason = f"failed ({type(exc).__name__}: {exc})"
+    else:
+        with atomic_path(work / f"{key}.npz", suffix=".part") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, mel=mel, duration=np.float64(duration), signature=signature)
+        return name, None
+    with atomic_path(work / f"{key}.skip", suffix=".part") as tmp:
+        tmp.write_text(json.dumps({"name": name, "reason": reason}), encoding="utf-8")
+    return name, reason
+
+
+def _finished(name: str, path: Path, work: Path) -> tuple[bool, str | None]:
+    """(done, skip reason) from an existing shard; a shard of an older version of the file is redone."""
+    import json
+
+    key = _shard_name(name)
+    if (work / f"{key}.skip").is_file():
+        return True, json.loads((work / f"{key}.skip").read_text(encoding="utf-8"))["reason"]
+    npz = work / f"{key}.npz"
+    if npz.is_file():
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                return bool(np.array_equal(z["signature"], _signature(path))), None
+        except (OSError, ValueError, KeyError):
+            npz.unlink()
+    return False, None
+
+
+def _speed_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class ClipsPerSecond(ProgressColumn):
+        def render(self, task) -> Text:  # clips computed in this run per second of its wall time
+            done = task.completed - task.fields.get("resumed", 0)
+            rate = done / task.elapsed if task.elapsed and done else None
+            return Text(f"{rate:.1f} clips/s" if rate else "- clips/s", style="cyan")
+
+    return ClipsPerSecond()
+
+
+class _LazyPool:
+    """A process pool started on first use and shared by the jobs of one run (workers start slowly)."""
+
+    def __init__(self, workers: int):
+        self.workers, self.pool = workers, None
+
+    def get(self):
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        if self.pool is None:
+            # forkserver: a clean server process imports torch once, workers fork from it (fast start;
+            # forking this process instead could hang the child if torch already started OpenMP threads).
+            ctx = get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "torchaudio", "clotho_retrieve.features"])
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+        return self.pool
+
+    def close(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = False,
+            pool: _LazyPool | None = None) -> dict:
+    """Compute (or finish) one HDF5 file. Returns {"out", "clips", "skipped", "computed", "status"}."""
+    import shutil
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from clotho_retrieve.utils import err_console
+
+    if job.out.is_file():
+        try:
+            existing = FeatureFile(job.out)
+        except ClothoRetrieveError:
+            existing = None
+        if existing is not None and existing.front_end == front_end:
+            return {"out": job.out, "clips": len(existing), "skipped": existing.skipped, "computed": 0,
+                    "status": "up to date"}
+        raise ClothoRetrieveError(
+            f"{job.out}: exists with a different front end or format; delete it or choose another --out"
+        )
+    if strict and job.skipped:
+        name, reason = job.skipped[0]
+        raise ClothoRetrieveError(f"{name}: {reason} (--strict)")
+    work = _work_dir(job.out, front_end)
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in list(work.glob("*.part")) + list(job.out.parent.glob(f".{job.out.name}.*.h5.tmp")):
+        stale.unlink(missing_ok=True)  # left by a run killed mid-write
+
+    todo, skip_reasons = [], {}
+    for name, path in zip(job.names, job.paths, strict=True):
+        done, reason = _finished(name, path, work)
+        if not done:
+            todo.append((name, path))
+        elif reason is not None:
+            skip_reasons[name] = reason
+    workers = max(1, workers or os.cpu_count() or 1)
+    progress = Progress(
+        TextColumn(f"features {job.out.name}"), BarColumn(), MofNCompleteColumn(), _speed_column(),
+        TimeRemainingColumn(), console=err_console, transient=False,
+    )
+
+    def record(name: str, reason: str | None) -> None:
+        if reason is not None:
+            if strict:
+                raise ClothoRetrieveError(f"{name}: {reason} (--strict)")
+            skip_reasons[name] = reason
+        progress.advance(task)
+
+    with progress:
+        resumed = len(job.names) - len(todo)
+        task = progress.add_task("", total=len(job.names), completed=resumed, resumed=resumed)
+        if workers == 1 or len(todo) == 1:
+            _init_worker()
+            for name, path in todo:
+                record(*_compute_shard(name, path, work, front_end))
+        elif todo:
+            own_pool = pool is None
+            pool = pool or _LazyPool(workers)
+            pending = set()
+            try:
+                for name, path in todo:  # keep a bounded number of clips in flight
+                    pending.add(pool.get().submit(_compute_shard, name, path, work, front_end))
+                    if len(pending) >= 4 * workers:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            record(*fut.result())
+                for fut in wait(pending).done:
+                    record(*fut.result())
+            except BrokenProcessPool:
+                raise ClothoRetrieveError(
+                    f"{job.out}: a worker process died (out of memory?); re-run to resume, "
+                    "perhaps with fewer --workers"
+                ) from None
+            except BaseException:
+                pool.close(cancel=True)
+                raise
+            if own_pool:
+                pool.close()
+
+    # Assemble: every clip has a shard; write the HDF5 under a temporary name, then rename.
+    keep = [i for i, name in enumerate(job.names) if name not in skip_reasons]
+    skipped = job.skipped + [(name, skip_reasons[name]) for name in job.names if name in skip_reasons]
+    shards = [work / f"{_shard_name(job.names[i])}.npz" for i in keep]
+    n_frames, durations = [], []
+    for shard in shards:
+        with np.load(shard, allow_pickle=False) as z:
+            n_frames.append(int(z["mel"].shape[0]))
+            durations.append(float(z["duration"]))
+
+    def mels() -> Iterator[np.ndarray]:  # one clip in memory at a time
+        for shard in shards:
+            with np.load(shard, allow_pickle=False) as z:
+                yield z["mel"]
+
+    write_feature_file(job.out, [job.names[i] for i in keep], mels(), durations, front_end,
+                       captions=[job.captions[i] for i in keep], skipped=skipped, n_frames=n_frames,
+                       **job.attrs)
+    shutil.rmtree(work, ignore_errors=True)
+    return {"out": job.out, "clips": len(keep), "skipped": skipped, "computed": len(todo),
+            "status": "written"}
+
+
+def compute_features(
+    cfg: FeaturesConfig,
+    root: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    audio_dir: str | os.PathLike | None = None,
+    splits: list[str] | None = None,
+) -> list[dict]:
+    """The `features` stage: a Clotho root (one HDF5 per split into folder ``out``) or ``audio_dir``
+    (one HDF5 file ``out``). Resumable: re-running finishes an interrupted run; finished files are kept.
+    """
+    import json
+
+    from clotho_retrieve.utils import atomic_write_text
+
+    if (root is None) == (audio_dir is None):
+        raise ClothoRetrieveError("features: pass either --root (Clotho layout) or --audio-dir")
+    if out is None:
+        raise ClothoRetrieveError("features: --out is required")
+    front_end = cfg.front_end()
+    if root is not None:
+        if Path(out).suffix == ".h5":
+            raise ClothoRetrieveError(f"{out}: with --root, --out is a folder (one .h5 per split)")
+        jobs = clotho_jobs(root, out, splits)
+        config_path = Path(out) / "features_config.json"
+    else:
+        jobs = [audio_dir_job(audio_dir, out)]
+        config_path = Path(out).with_suffix(".json")
+    workers = cfg.workers or os.cpu_count() or 1
+    pool = _LazyPool(workers)
+    try:
+        results = [run_job(job, front_end, workers, cfg.strict, pool) for job in jobs]
+    finally:
+        pool.close()
+    record = {"features": dataclasses.asdict(cfg), "front_end": front_end.to_dict()}
+    atomic_write_text(config_path, json.dumps(record, indent=2) + "\n")
+    return results
+
+
+def print_report(results: list[dict]) -> None:
+    """A table of the files written (or already complete) and one of every clip skipped, with why."""
+    from rich.table import Table
+
+    from clotho_retrieve.utils import console
+
+    table = Table(title="features")
+    for col in ("file", "clips", "skipped", "computed now", "status"):
+        table.add_column(col, justify="left" if col in ("file", "status") else "right")
+    for r in results:
+        table.add_row(str(r["out"]), str(r["clips"]), str(len(r["skipped"])), str(r["computed"]), r["status"])
+    console.print(table)
+    if all(r["status"] == "up to date" for r in results):
+        console.print("Nothing to do: every output is complete (delete a file to recompute it).")
+    skipped = [(r["out"].name, name, reason) for r in results for name, reason in r["skipped"]]
+    if skipped:
+        table = Table(title=f"skipped clips ({len(skipped)}, also stored in each file's /skipped)")
+        for col in ("output", "file", "reason"):
+            table.add_column(col, overflow="fold")
+        for row in skipped:
+            table.add_row(*row)
+        console.print(table)
