@@ -215,21 +215,109 @@ def evaluate_cmd() -> None:
 # embed / index / query  (owned by clotho_retrieve/index.py and clotho_retrieve/query.py)
 # ----------------------------------------------------------------------------------------------
 @command("embed")
-def embed_cmd() -> None:
-    """5. Embed audio (and captions) with a trained run into a searchable index."""
-    raise ClothoRetrieveError("embed: not implemented yet")
+def embed_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder from `train` (or a model folder)."),
+    features: Path = typer.Option(
+        ..., "--features", help="A features .h5 file, or a folder of them (all Clotho splits)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Index folder to create, resume or add clips to."),
+    captions: bool = typer.Option(
+        False, "--captions", help="Also embed the captions (audio-to-text queries)."
+    ),
+    index_type: str = typer.Option(
+        "auto", "--index-type", help="exact | ivf | hnsw | auto (exact up to 50,000 clips, else ivf)."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Clips per forward pass."),
+    chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="Clips per write (resume granularity)."),
+    which: str = typer.Option("best", "--which", help="Checkpoint of a run folder: best | last."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
+) -> None:
+    """5. Embed audio (and captions) with a trained run into a searchable index.
+
+    Example: clotho-retrieve embed --checkpoint runs/demo --features demo/features --out demo/index
+    """
+    from clotho_retrieve.index import EmbedConfig, embed
+    from clotho_retrieve.utils import console, resolve_device
+
+    cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
+    summary = embed(checkpoint, features, out, cfg)
+    console.print(
+        f"{summary['index']}: {summary['clips']:,} clips ({summary['added']:,} added, "
+        f"{summary['skipped']:,} already there), search: {summary['index_type']}",
+        highlight=False,
+    )
 
 
 @command("index")
-def index_cmd() -> None:
-    """Build or rebuild the approximate (FAISS) index of an embedding index."""
-    raise ClothoRetrieveError("index: not implemented yet")
+def index_cmd(
+    index: Path = typer.Argument(..., help="Index folder written by `embed`."),
+    index_type: str = typer.Option(
+        "auto", "--index-type", help="exact (removes the FAISS file) | ivf | hnsw | auto (by size)."
+    ),
+    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF cells (0: about sqrt(N))."),
+    nprobe: int = typer.Option(0, "--nprobe", min=0, help="IVF cells searched per query (0: 16)."),
+    hnsw_m: int = typer.Option(32, "--hnsw-m", min=2, help="HNSW neighbours per node."),
+    ef_search: int = typer.Option(128, "--ef-search", min=1, help="HNSW search breadth."),
+) -> None:
+    """Build or rebuild the approximate (FAISS) index of an embedding index.
+
+    Example: clotho-retrieve index demo/index --index-type hnsw
+    """
+    from clotho_retrieve.index import AnnConfig, build_ann_index
+    from clotho_retrieve.utils import console
+
+    cfg = AnnConfig(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+    chosen = build_ann_index(index, index_type, cfg)
+    console.print(f"{index}: search is now {chosen}", highlight=False)
 
 
 @command("query")
-def query_cmd() -> None:
-    """6. Rank the indexed audio for a text prompt (or an example recording)."""
-    raise ClothoRetrieveError("query: not implemented yet")
+def query_cmd(
+    text: str | None = typer.Argument(None, help="What to look for, e.g. \"dog barking in rain\"."),
+    index: Path = typer.Option(..., "--index", help="Index folder written by `embed`."),
+    top_k: int = typer.Option(10, "--top-k", "-k", min=1, help="How many results per query."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per query and line, for scripts."),
+    queries: Path | None = typer.Option(
+        None, "--queries", help="A UTF-8 file of queries, one per line (one process for all)."
+    ),
+    audio: list[Path] | None = typer.Option(
+        None, "--audio", help="Query by an example recording (repeatable): audio-to-audio."
+    ),
+    captions: bool = typer.Option(
+        False, "--captions", help="Rank the indexed captions instead of clips (needs `embed --captions`)."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Run to encode with (default: the run recorded in the index; checked)."
+    ),
+    exact: bool = typer.Option(False, "--exact", help="Exact search even when a FAISS index exists."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
+) -> None:
+    """6. Rank the indexed audio for a text prompt (or an example recording).
+
+    Example: clotho-retrieve query "dog barking in rain" --index demo/index --top-k 5
+    """
+    import json
+
+    from clotho_retrieve.index import EmbeddingIndex
+    from clotho_retrieve.query import query_audio, query_text, read_queries_file, result_table
+    from clotho_retrieve.utils import console, resolve_device
+
+    texts = ([text] if text is not None else []) + (read_queries_file(queries) if queries else [])
+    if not texts and not audio:
+        raise ClothoRetrieveError("nothing to look for: give a query text, --queries FILE or --audio FILE")
+    device = resolve_device(device)
+    target = "captions" if captions else "audio"
+    with EmbeddingIndex(index) as idx:
+        if exact:
+            idx.ann = None
+        results = query_text(idx, texts, top_k, checkpoint, target=target, device=device) if texts else []
+        if audio:
+            results += query_audio(idx, audio, top_k, checkpoint, target=target, device=device)
+    for result in results:
+        if as_json:
+            typer.echo(json.dumps(result.to_json(), ensure_ascii=False))
+        else:
+            console.print(result_table(result, index))
 
 
 # ----------------------------------------------------------------------------------------------

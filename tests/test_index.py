@@ -1,0 +1,272 @@
+"""The embedding index: exact top-k equals brute force, FAISS recall, embed / resume / append, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from clotho_retrieve.features import FrontEnd, write_feature_file
+from clotho_retrieve.index import (
+    AnnConfig,
+    EmbedConfig,
+    EmbeddingIndex,
+    _IndexWriter,
+    build_ann_index,
+    build_faiss,
+    embed,
+    exact_search,
+    faiss_search,
+)
+from clotho_retrieve.models import ModelConfig, RetrievalModel
+from clotho_retrieve.utils import ClothoRetrieveError
+
+
+def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Reference ranking: full score matrix, stable sort (ties keep row order)."""
+    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n: int, d: int, n_centres: int, seed: int, noise: float = 0.7) -> np.ndarray:
+    """Noisy unit copies of random unit centres: neighbours are meaningful, unlike uniform vectors."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.standard_normal((n_centres, d)))
+    x = centres[rng.integers(n_centres, size=n)] + noise * rng.standard_normal((n, d)) / np.sqrt(d)
+    return unit(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact search
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk_rows", [7, 64, 10_000])
+@pytest.mark.parametrize("k", [1, 10, 500])
+def test_exact_search_equals_brute_force(chunk_rows, k):
+    rng = np.random.default_rng(k + chunk_rows)
+    vectors = unit(rng.standard_normal((300, 16)))
+    queries = unit(rng.standard_normal((5, 16)))
+    scores, ids = exact_search(vectors, queries, k, chunk_rows=chunk_rows)
+    want = brute_force(vectors, queries, k)
+    assert ids.shape == want.shape == (5, min(k, 300))
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, want, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_exact_search_breaks_ties_by_row_across_chunks():
+    # Small integers make every dot product exact, so duplicated rows tie exactly in any summation order.
+    rng = np.random.default_rng(1)
+    base = rng.integers(-3, 4, size=(6, 8)).astype(np.float32)
+    vectors = base[rng.integers(6, size=100)]  # 100 rows, many exact duplicates, spread over chunks
+    queries = rng.integers(-3, 4, size=(4, 8)).astype(np.float32)
+    for chunk_rows in (3, 16, 100):
+        _, ids = exact_search(vectors, queries, 25, chunk_rows=chunk_rows)
+        np.testing.assert_array_equal(ids, brute_force(vectors, queries, 25))
+
+
+def test_exact_search_streams_from_hdf5(tmp_path):
+    rng = np.random.default_rng(2)
+    vectors = unit(rng.standard_normal((257, 8)))
+    with h5py.File(tmp_path / "v.h5", "w") as h5:
+        h5["v"] = vectors
+        _, ids = exact_search(h5["v"], vectors[:3], 4, chunk_rows=50)
+    np.testing.assert_array_equal(ids[:, 0], [0, 1, 2])  # each vector is its own nearest neighbour
+    np.testing.assert_array_equal(ids, brute_force(vectors, vectors[:3], 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# FAISS
+# ----------------------------------------------------------------------------------------------
+def test_faiss_recall_on_clustered_vectors():
+    vectors = clustered(3000, 32, 60, seed=3)
+    queries = clustered(50, 32, 60, seed=4)
+    truth = brute_force(vectors, queries, 10)
+    for kind in ("ivf", "hnsw"):
+        index, cfg = build_faiss(vectors, AnnConfig(index_type=kind))
+        scores, ids = faiss_search(index, queries, 10)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])
+        assert recall >= 0.9, (kind, recall)
+        # the reported scores are the true cosines of the returned rows
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[ids]), atol=1e-5)
+    # IVF visiting every cell is exhaustive, hence exact
+    index, _ = build_faiss(vectors, AnnConfig(index_type="ivf", nlist=20, nprobe=20))
+    np.testing.assert_array_equal(faiss_search(index, queries, 10)[1], truth)
+
+
+# ----------------------------------------------------------------------------------------------
+# embed: a random tiny run over a few synthetic clips
+# ----------------------------------------------------------------------------------------------
+EMBED_DIM = 24
+
+
+def make_run(folder, text_model: str, seed: int = 0):
+    """A randomly initialised tiny run (RUN/best/), enough for the mechanics of embed and query."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        backbone="tiny",
+        attention="self",
+        d_a=32,
+        embed_dim=EMBED_DIM,
+        text_model=text_model,
+        front_end=FrontEnd().to_dict(),
+    )
+    model = RetrievalModel(cfg).eval()
+    model.save_pretrained(folder / "best")
+    return model
+
+
+def other_run(run_dir, dest):
+    """A copy of a run with one weight changed: another run as far as its fingerprint can tell."""
+    shutil.copytree(run_dir, dest)
+    weights = dest / "best" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the last byte belongs to the last tensor's data, not the header
+    weights.write_bytes(bytes(data))
+    return dest
+
+
+def synthetic_mels(n: int, seed: int) -> list[np.ndarray]:
+    """Clips that differ in length, level and spectral tilt, so even a random encoder tells them apart."""
+    rng = np.random.default_rng(seed)
+    mels = []
+    for _ in range(n):
+        t = int(rng.integers(40, 90))
+        tilt = rng.normal(size=64).cumsum() * 2
+        mels.append((tilt + rng.normal(size=(t, 64)) * 4 - 40).astype(np.float32))
+    return mels
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, minilm_path):
+    folder = tmp_path_factory.mktemp("run")
+    return folder, make_run(folder, minilm_path)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    """Two feature files sharing 3 clips: 12 clips with captions, then 7 (3 already seen) without."""
+    folder = tmp_path_factory.mktemp("features")
+    mels = synthetic_mels(16, seed=0)
+    names = [f"c{i:02d}.wav" for i in range(16)]
+    write_feature_file(
+        folder / "a" / "evaluation.h5",
+        names[:12],
+        mels[:12],
+        [10.0 + i for i in range(12)],
+        FrontEnd(),
+        captions=[[f"sound {i}", f"noise {i}"] for i in range(12)],
+    )
+    write_feature_file(folder / "b.h5", names[9:], mels[9:], [5.0] * 7, FrontEnd())
+    return folder, names, mels
+
+
+def encode_one(model, mel: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model.encode_audio(torch.from_numpy(mel)[None], torch.tensor([len(mel)]))[0].numpy()
+
+
+def test_embed_writes_the_documented_layout_and_appends(run, features, tmp_path):
+    run_dir, model = run
+    feat_dir, names, mels = features
+    out = tmp_path / "index"
+    summary = embed(run_dir, feat_dir / "a", out, EmbedConfig(batch_size=5, chunk_size=4, captions=True))
+    assert (summary["clips"], summary["added"], summary["index_type"]) == (12, 12, "exact")
+    with EmbeddingIndex(out) as idx:
+        assert idx.all_names() == names[:12]
+        vectors = np.asarray(idx.vectors)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+        # batched, length-sorted, padded encoding == each clip encoded alone
+        for i in (0, 5, 11):
+            np.testing.assert_allclose(vectors[i], encode_one(model, mels[i]), atol=1e-4)
+        assert idx.durations([3, 0]) == [13.0, 10.0]
+        assert idx.captions([2]) == [["sound 2", "noise 2"]]
+        cap_vectors, cap_clip, cap_text = idx.caption_vectors()
+        assert cap_vectors.shape == (24, EMBED_DIM)
+        assert cap_text[4:6] == ["sound 2", "noise 2"] and list(cap_clip[4:6]) == [2, 2]
+        with torch.inference_mode():
+            np.testing.assert_allclose(cap_vectors[5], model.encode_text(["noise 2"])[0].numpy(), atol=1e-4)
+        assert idx.fingerprint.sha256 and json.loads(idx._h5.attrs["model_config"])["embed_dim"] == EMBED_DIM
+    assert json.loads((out / "embed.json").read_text())["chunk_size"] == 4
+
+    # adding a second file: only its 4 new clips are embedded, old rows are untouched
+    summary = embed(run_dir, feat_dir / "b.h5", out, EmbedConfig(chunk_size=3, captions=True))
+    assert (summary["clips"], summary["added"], summary["skipped"]) == (16, 4, 3)
+    with EmbeddingIndex(out) as idx:
+        assert idx.all_names() == names
+        np.testing.assert_array_equal(np.asarray(idx.vectors)[:12], vectors)
+        np.testing.assert_allclose(np.asarray(idx.vectors)[14], encode_one(model, mels[14]), atol=1e-4)
+        assert idx.captions([13]) == [[]] and idx.has_caption_embeddings
+        assert idx.caption_vectors()[0].shape == (24, EMBED_DIM)  # the new clips have no captions
+
+
+def test_embed_resumes_after_an_interruption(run, features, tmp_path, monkeypatch):
+    run_dir, _ = run
+    feat_dir, names, _ = features
+    out = tmp_path / "index"
+    real_add = _IndexWriter.add_clips
+    calls = {"n": 0}
+
+    def crash_on_third_chunk(self, emb, names, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # half-written chunk: rows appended but never committed
+            self._append(self.h5["audio"], emb)
+            raise KeyboardInterrupt
+        return real_add(self, emb, names, *args, **kw)
+
+    monkeypatch.setattr(_IndexWriter, "add_clips", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        embed(run_dir, feat_dir / "a" / "evaluation.h5", out, EmbedConfig(chunk_size=4))
+    with EmbeddingIndex(out) as idx:
+        assert idx.count == 8 and idx.all_names() == names[:8]
+    monkeypatch.setattr(_IndexWriter, "add_clips", real_add)
+    summary = embed(run_dir, feat_dir / "a" / "evaluation.h5", out, EmbedConfig(chunk_size=4))
+    assert (summary["added"], summary["skipped"], summary["clips"]) == (4, 8, 12)
+    with h5py.File(out / "index.h5") as h5:
+        assert h5["audio"].shape == (12, EMBED_DIM) and h5["names"].shape == (12,)
+
+
+def test_faiss_index_is_built_rebuilt_and_removed(run, features, tmp_path):
+    run_dir, _ = run
+    feat_dir, names, _ = features
+    out = tmp_path / "index"
+    embed(run_dir, feat_dir / "a", out, EmbedConfig(index_type="hnsw"))
+    with EmbeddingIndex(out) as idx:
+        assert idx.index_type == "hnsw" and idx.ann.ntotal == 12
+        np.testing.assert_array_equal(idx.search(idx.vectors[:3], 1)[1][:, 0], [0, 1, 2])
+    embed(run_dir, feat_dir / "b.h5", out, EmbedConfig(index_type="hnsw"))  # appending rebuilds it
+    assert json.loads((out / "faiss.json").read_text())["count"] == 16
+    assert build_ann_index(out, "exact") == "exact"
+    assert not (out / "faiss.index").exists()
+    assert build_ann_index(out, "ivf", AnnConfig(nlist=2, nprobe=2)) == "ivf"
+    with EmbeddingIndex(out) as idx:
+        assert idx.index_type == "ivf"
+        queries = np.asarray(idx.vectors)[[4, 15]]
+        want = brute_force(np.asarray(idx.vectors), queries, 5)
+        np.testing.assert_array_equal(idx.search(queries, 5)[1], want)
+
+
+def test_embed_refuses_another_runs_index_and_bad_inputs(run, features, tmp_path):
+    run_dir, _ = run
+    feat_dir, _, _ = features
+    out = tmp_path / "index"
+    embed(run_dir, feat_dir / "b.h5", out)
+    other = other_run(run_dir, tmp_path / "other")
+    with pytest.raises(ClothoRetrieveError, match="built by another run"):
+        embed(other, feat_dir / "b.h5", out)
+    with pytest.raises(ClothoRetrieveError, match="no such features"):
+        embed(run_dir, tmp_path / "missing.h5", tmp_path / "x")
+    with pytest.raises(ClothoRetrieveError, match="no model.safetensors"):
+        embed(tmp_path, feat_dir / "b.h5", tmp_path / "x")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "index.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ClothoRetrieveError, match="not a readable index"):
+        EmbeddingIndex(tmp_path / "junk")
+    with pytest.raises(ClothoRetrieveError, match="no index.h5"):
+        EmbeddingIndex(tmp_path / "nowhere")
