@@ -254,10 +254,14 @@ def _verify_part(
 ) -> str | None:
     """None when the finished ``.part`` is right, else a short description of what is wrong."""
     got_size = part.stat().st_size
-    if size is not None and got_size != size:
-        return f"size mismatch (got {got_size} bytes, expected {size})"
-    if md5 is not None and (got := md5sum(part)) != md5:
-        return f"checksum mismatch (MD5 {got}, expected {md5})"
+    size_ok = size is None or got_size == size
+    if md5 is not None:
+        got = md5sum(part)  # also when the size is wrong already: the message names both
+        if got != md5 or not size_ok:
+            expected_size = "" if size is None else f", expected {size:,}"
+            return f"checksum mismatch (MD5 {got}, expected {md5}; {got_size:,} bytes{expected_size})"
+    elif not size_ok:
+        return f"size mismatch ({got_size:,} bytes, expected {size:,}; no published MD5)"
     if verify is not None:
         try:
             verify(part)
