@@ -390,22 +390,29 @@ def synthesize(
 # ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
+def split_descriptions(cfg: DemoConfig, split: str) -> list[Description]:
+    """The descriptions of a split's clips, in file order: distinct (a seeded permutation of all)."""
+    descriptions = all_descriptions()
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])
+    return [descriptions[i] for i in rng.permutation(len(descriptions))[: cfg.sizes()[split]]]
+
+
 def make_demo_data(
     out: str | os.PathLike, cfg: DemoConfig | None = None, show_progress: bool = True
 ) -> dict[str, int]:
     """Write the demo dataset to ``out``; returns clips per split. Deterministic for ``cfg.seed``."""
     cfg = cfg or DemoConfig()
     out = Path(out)
-    descriptions = all_descriptions()
+    n_max = len(all_descriptions())
     for split, n in cfg.sizes().items():
-        if not 0 <= n <= len(descriptions):
+        if not 0 <= n <= n_max:
             raise ClothoRetrieveError(
-                f"demo-data: --n-{split} must be between 0 and {len(descriptions)} "
+                f"demo-data: --n-{split} must be between 0 and {n_max} "
                 "(the number of distinct descriptions)"
             )
     if cfg.duration < 0.1:
         raise ClothoRetrieveError("demo-data: --duration must be at least 0.1 s")
-    banks = background_banks(cfg.seed)
+    banks = background_banks(cfg.seed, seconds=float(np.clip(6 * cfg.duration, 10, 30)))
     progress = Progress(
         TextColumn("demo-data {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=err_console, disable=not show_progress,
@@ -413,11 +420,9 @@ def make_demo_data(
     with progress:
         for s_idx, (split, n) in enumerate(cfg.sizes().items()):
             task = progress.add_task(split, total=n)
-            # Distinct descriptions within a split: a seeded permutation of all of them.
-            rng = np.random.default_rng([cfg.seed, s_idx])
-            chosen = [descriptions[i] for i in rng.permutation(len(descriptions))[:n]]
+            (out / split).mkdir(parents=True, exist_ok=True)
             rows = []
-            for i, d in enumerate(chosen):
+            for i, d in enumerate(split_descriptions(cfg, split)):
                 clip_rng = np.random.default_rng([cfg.seed, s_idx, i])
                 duration = cfg.duration * clip_rng.uniform(0.8, 1.2)
                 name = f"{split}_{i:04d}.wav"

@@ -812,9 +812,15 @@ def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = Fals
         resumed = len(job.names) - len(todo)
         task = progress.add_task("", total=len(job.names), completed=resumed, resumed=resumed)
         if workers == 1 or len(todo) == 1:
+            import torch
+
+            threads = torch.get_num_threads()
             _init_worker()
-            for name, path in todo:
-                record(*_compute_shard(name, path, work, front_end))
+            try:
+                for name, path in todo:
+                    record(*_compute_shard(name, path, work, front_end))
+            finally:
+                torch.set_num_threads(threads)
         elif todo:
             own_pool = pool is None
             pool = pool or _LazyPool(workers)
