@@ -183,3 +183,16 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     torch.save({"model": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(ClothoRetrieveError, match="not a readable PyTorch checkpoint"):
         load_panns_checkpoint(build_backbone("tiny"), tmp_path / "evil.pth")
+
+
+def test_retrieval_model_loads_audio_weights_into_its_backbone(tmp_path):
+    from clotho_retrieve.models import ModelConfig, RetrievalModel
+
+    ckpt = fake_checkpoint("cnn6", seed=4)
+    torch.save(ckpt, tmp_path / "Cnn6_mAP=0.343.pth")
+    model = RetrievalModel(ModelConfig(backbone="cnn6", attention="none", d_a=512), parts=("audio",))
+    report = model.load_audio_weights(tmp_path / "Cnn6_mAP=0.343.pth")
+    assert report["iteration"] == 0 and len(report["skipped"]) == 7
+    loaded = model.audio.backbone.conv_block3.conv1.weight
+    assert torch.equal(loaded, ckpt["model"]["conv_block3.conv1.weight"])
+    assert isinstance(model.audio.to_d_a, torch.nn.Identity)  # C = D_A = 512: no projection
