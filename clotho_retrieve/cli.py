@@ -200,15 +200,150 @@ def features_cmd(
 # train / evaluate  (owned by clotho_retrieve/train.py)
 # ----------------------------------------------------------------------------------------------
 @command("train")
-def train_cmd() -> None:
-    """3. Train a retrieval model (CNN14 + attention x BERT)."""
-    raise ClothoRetrieveError("train: not implemented yet")
+def train_cmd(
+    features: Path = typer.Option(
+        Path("features"), "--features", help="Features folder with development.h5, validation.h5, ..."
+    ),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (refused if it holds a run: --resume)."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run in --out from its last checkpoint; its saved settings are used, except "
+        "--features, --epochs, --device, --num-workers, --eval-batch-size.",
+    ),
+    attention: str = typer.Option("self", "--attention", help="none | self (Eq. 3-4) | gat (Eq. 1-2)."),
+    backbone: str = typer.Option("cnn14", "--backbone", help="cnn14 | cnn10 | cnn6 | tiny (CPU demo)."),
+    audio_weights: Optional[str] = typer.Option(  # noqa: UP007, UP045
+        None, "--audio-weights", help="PANNs checkpoint for the backbone: .pth path or cnn14 | cnn10 | cnn6."
+    ),
+    text_model: str = typer.Option(
+        "bert-base-uncased", "--text-model", help="Hugging Face BERT name or a local model folder."
+    ),
+    text_trainable_layers: int = typer.Option(
+        -1, "--text-trainable-layers", help="-1: fine-tune all of BERT; 0: freeze its body; k: top k layers."
+    ),
+    embed_dim: int = typer.Option(1024, "--embed-dim", help="D, the joint embedding width."),
+    d_a: int = typer.Option(1024, "--d-a", help="D_A, the attention width."),
+    dropout: float = typer.Option(0.2, "--dropout", help="Dropout in the backbone and attention."),
+    max_text_tokens: int = typer.Option(64, "--max-text-tokens", help="Captions are cut to this many tokens"),
+    loss: str = typer.Option("ntxent", "--loss", help="ntxent (Eq. 6) | supcon (Eq. 7)."),
+    tau: float = typer.Option(0.07, "--tau", help="Temperature of the loss."),
+    train_splits: str = typer.Option(
+        "development",
+        "--train-splits",
+        help="Comma-separated splits to train on; the paper: development,validation (with --val-split none).",
+    ),
+    val_split: str = typer.Option(
+        "validation", "--val-split", help="Split selecting best/ by mAP@10 each epoch; 'none': best = last."
+    ),
+    batch_size: int = typer.Option(60, "--batch-size", help="Global batch size (split across processes)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Adam weight decay."),
+    epochs: int = typer.Option(40, "--epochs", help="Training epochs."),
+    schedule: str = typer.Option(
+        "cosine", "--schedule", help="Learning-rate schedule after warmup: cosine | constant."
+    ),
+    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warmup length in epochs."),
+    grad_clip: float = typer.Option(2.0, "--grad-clip", help="Max gradient L2 norm; 0 turns clipping off."),
+    captions: str = typer.Option(
+        "all", "--captions", help="all: every (clip, caption) pair per epoch; random: one caption per clip."
+    ),
+    spec_augment: bool = typer.Option(
+        True, "--spec-augment/--no-spec-augment", help="SpecAugment masking of the training log-Mels."
+    ),
+    freq_mask: int = typer.Option(8, "--freq-mask", help="SpecAugment: widest frequency mask (Mel bins)."),
+    n_freq_masks: int = typer.Option(2, "--n-freq-masks", help="SpecAugment: frequency masks per clip."),
+    time_mask: int = typer.Option(40, "--time-mask", help="SpecAugment: widest time mask (frames)."),
+    n_time_masks: int = typer.Option(2, "--n-time-masks", help="SpecAugment: time masks per clip."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (initialisation, data order, augmentation)."),
+    num_workers: int = typer.Option(
+        -1, "--num-workers", help="Data-loader worker processes; -1: 4 on CUDA, 0 on CPU."
+    ),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (ignored on CPU)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
+    eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="Clips per batch when validating."),
+) -> None:
+    """3. Train a retrieval model (CNN14 + attention x BERT).
+
+    Example: clotho-retrieve train --features feats --attention self --loss supcon --out runs/self
+
+    Under torchrun (torchrun --nproc_per_node N -m clotho_retrieve train ...) it runs DistributedDataParallel.
+    """
+    from clotho_retrieve.models import ModelConfig
+    from clotho_retrieve.train import TrainConfig, train
+
+    model_cfg = ModelConfig(
+        backbone=backbone,
+        attention=attention,
+        d_a=d_a,
+        embed_dim=embed_dim,
+        text_model=text_model,
+        max_text_tokens=max_text_tokens,
+        text_trainable_layers=text_trainable_layers,
+        dropout=dropout,
+    )
+    train_cfg = TrainConfig(
+        features=str(features),
+        out=str(out),
+        train_splits=tuple(s.strip() for s in train_splits.split(",") if s.strip()),
+        val_split=None if val_split.lower() in ("", "none") else val_split,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        epochs=epochs,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        grad_clip=grad_clip,
+        loss=loss,
+        tau=tau,
+        captions=captions,
+        spec_augment=spec_augment,
+        freq_mask=freq_mask,
+        n_freq_masks=n_freq_masks,
+        time_mask=time_mask,
+        n_time_masks=n_time_masks,
+        audio_weights=audio_weights,
+        seed=seed,
+        num_workers=num_workers,
+        amp=amp,
+        device=device,
+        eval_batch_size=eval_batch_size,
+        resume=resume,
+    )
+    train(model_cfg, train_cfg)
 
 
 @command("evaluate")
-def evaluate_cmd() -> None:
-    """4. Score a trained run: text-to-audio and audio-to-text R@k, mAP@10."""
-    raise ClothoRetrieveError("evaluate: not implemented yet")
+def evaluate_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder of `train` (or a model folder)."),
+    features: Path = typer.Option(
+        Path("features"), "--features", help="Features folder (see --split) or one HDF5 features file."
+    ),
+    split: str = typer.Option("evaluation", "--split", help="Split to score when --features is a folder."),
+    which: str = typer.Option("best", "--which", help="Which model of a run folder: best or last."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+    submission: Optional[Path] = typer.Option(  # noqa: UP007, UP045
+        None, "--submission", help="Write DCASE's top-10 CSV: caption,file_name_1,...,file_name_10."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="Clips per batch."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
+) -> None:
+    """4. Score a trained run: text-to-audio and audio-to-text R@k, mAP@10.
+
+    Example: clotho-retrieve evaluate --checkpoint runs/self --features feats --split evaluation
+    """
+    import json
+
+    from clotho_retrieve.train import evaluate, results_table
+    from clotho_retrieve.utils import console
+
+    result = evaluate(checkpoint, features, split, which, batch_size, device, submission)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        console.print(results_table(result))
+    if submission is not None:
+        err_console.print(f"wrote {submission}")
 
 
 # ----------------------------------------------------------------------------------------------
