@@ -129,6 +129,9 @@ class FakeTrainer:
     def train(self, model_cfg, train_cfg) -> Path:
         self.calls.append((model_cfg, train_cfg))
         run = Path(train_cfg.out)
+        if not train_cfg.resume and ((run / "config.json").exists() or (run / "last").exists()):
+            raise ClothoRetrieveError(f"{run}: already holds a run")  # as the real train() does
+        (run / "config.json").write_text("{}")
         (run / "last").mkdir(parents=True, exist_ok=True)
         (run / "last" / "trainer_state.pt").write_bytes(b"")
         (run / "metrics.jsonl").write_text(
@@ -205,6 +208,18 @@ def test_run_table_resumes(tmp_path, tiny_features, monkeypatch):
     assert [(Path(t.out).name, t.resume) for _, t in fake.calls] == [("gat", True)]
     assert list(results) == ["cnn14", "gat"]
     assert results["cnn14"]["R@1"] == pytest.approx(0.1)  # read back from the first run
+
+
+def test_run_table_starts_over_a_variant_interrupted_before_its_first_checkpoint(
+    tmp_path, tiny_features, monkeypatch
+):
+    fake = FakeTrainer()
+    fake.install(monkeypatch)
+    out = tmp_path / "table"
+    (out / "gat").mkdir(parents=True)
+    (out / "gat" / "config.json").write_text("{}")  # what train writes before its first epoch ends
+    run_table(tiny_features, out, FakeModelConfig(), FakeTrainConfig(), variants="gat")
+    assert [(Path(t.out).name, t.resume) for _, t in fake.calls] == [("gat", False)]
 
 
 def test_run_table_refuses_other_settings_in_the_same_folder(tmp_path, tiny_features, monkeypatch):
