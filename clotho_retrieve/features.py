@@ -370,7 +370,12 @@ def decode_log_mel(
     except ClothoRetrieveError:
         raise
     except sf.LibsndfileError as exc:
-        raise ClothoRetrieveError(f"unreadable audio ({exc.error_string.strip()})") from None
+        if os.path.getsize(path) == 0:
+            raise ClothoRetrieveError("empty file") from None
+        detail = exc.error_string.strip()
+        if "does not exist" in detail:  # what libsndfile says of an undecodable MP3
+            detail = "not a recognised audio format"
+        raise ClothoRetrieveError(f"unreadable audio ({detail})") from None
     except (RuntimeError, ValueError, TypeError, OSError) as exc:
         raise ClothoRetrieveError(f"unreadable audio ({type(exc).__name__}: {exc})") from None
     if not np.all(np.isfinite(mel)):  # cannot happen after the checks above; never store NaN

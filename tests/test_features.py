@@ -274,7 +274,7 @@ def _bad_folder(folder: Path) -> tuple[set[str], dict[str, str]]:
     sf.write(str(folder / "inf.wav"), np.array([0.1, np.inf] * 4000, np.float32), 44100, subtype="FLOAT")
     sf.write(str(folder / "short.wav"), _test_signal(44100, 0.01), 44100)  # 441 samples < 1024
     (folder / "notes.txt").write_text("ignored: not an audio suffix")
-    bad = {"empty.wav": "unreadable", "truncated.wav": "truncated", "text.mp3": "unreadable",
+    bad = {"empty.wav": "empty file", "truncated.wav": "truncated", "text.mp3": "unreadable",
            "nan.wav": "NaN or infinite", "inf.wav": "NaN or infinite", "short.wav": "shorter than one window"}
     return good, bad
 
