@@ -131,8 +131,8 @@ class FakeTrainer:
         run = Path(train_cfg.out)
         if not train_cfg.resume and ((run / "config.json").exists() or (run / "last").exists()):
             raise ClothoRetrieveError(f"{run}: already holds a run")  # as the real train() does
-        (run / "config.json").write_text("{}")
         (run / "last").mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text("{}")
         (run / "last" / "trainer_state.pt").write_bytes(b"")
         (run / "metrics.jsonl").write_text(
             json.dumps({"epoch": 1, "train_loss": 1.0, "val/mAP@10": 0.1}) + "\n"
