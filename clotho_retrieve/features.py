@@ -780,6 +780,7 @@ def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = Fals
         except ClothoRetrieveError:
             existing = None
         if existing is not None and existing.front_end == front_end:
+            shutil.rmtree(_work_dir(job.out, front_end), ignore_errors=True)  # killed after the rename
             return {"out": job.out, "clips": len(existing), "skipped": existing.skipped, "computed": 0,
                     "status": "up to date"}
         raise ClothoRetrieveError(
