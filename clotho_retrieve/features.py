@@ -422,6 +422,11 @@ class FeatureFile:
                         f"{self.path}: not a clotho-retrieve features file; re-create it with "
                         "`clotho-retrieve features`"
                     )
+                if int(h5.attrs.get("format_version", 0)) > FORMAT_VERSION:
+                    raise ClothoRetrieveError(
+                        f"{self.path}: written by a newer clotho-retrieve (format version "
+                        f"{h5.attrs['format_version']}); upgrade, or re-run `clotho-retrieve features`"
+                    )
                 self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()}
                 self.front_end = FrontEnd.from_dict(self.attrs)
                 self.names: list[str] = _strings(h5["names"])

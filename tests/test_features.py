@@ -114,11 +114,11 @@ def test_log_mel_refuses_bad_waveforms():
 def test_block_decoding_equals_whole_file(tmp_path, preset, sr):
     """Long files are decoded in blocks; the frames equal those of the whole signal."""
     fe = PRESETS[preset]
-    stereo = np.stack([_test_signal(sr, 2.3, 1), _test_signal(sr, 2.3, 2)], axis=1)
+    stereo = np.stack([_test_signal(sr, 1.7, 1), _test_signal(sr, 1.7, 2)], axis=1)
     path = tmp_path / "long.flac"
     sf.write(str(path), stereo, sr, subtype="PCM_24")
     whole = log_mel(sf.read(str(path), dtype="float32")[0].mean(axis=1), sr, fe)
-    blocks, duration = decode_log_mel(path, fe, stream_above=1000, block=3001)
+    blocks, duration = decode_log_mel(path, fe, stream_above=1000, block=12345)  # several blocks
     assert blocks.shape == whole.shape
     assert np.abs(blocks - whole).max() < 1e-3
     assert duration == pytest.approx(len(stereo) / sr)
@@ -160,6 +160,10 @@ def test_feature_file_refuses_other_files(tmp_path):
         FeatureFile(tmp_path / "other.h5")
     with pytest.raises(ClothoRetrieveError, match="not found"):
         FeatureFile(tmp_path / "missing.h5")
+    newer = write_feature_file(tmp_path / "newer.h5", [], [], [], PRESETS["paper"],
+                               format_version=features.FORMAT_VERSION + 1)
+    with pytest.raises(ClothoRetrieveError, match="newer"):
+        FeatureFile(newer)
 
 
 # ----------------------------------------------------------------------------------------------
