@@ -899,11 +899,13 @@ def compute_features(
         raise ClothoRetrieveError("features: --out is required")
     front_end = cfg.front_end()
     if root is not None:
-        if Path(out).suffix == ".h5":
+        if Path(out).suffix == ".h5" or Path(out).is_file():
             raise ClothoRetrieveError(f"{out}: with --root, --out is a folder (one .h5 per split)")
         jobs = clotho_jobs(root, out, splits)
         config_path = Path(out) / "features_config.json"
     else:
+        if Path(out).is_dir():
+            raise ClothoRetrieveError(f"{out}: with --audio-dir, --out is a file (sounds.h5), not a folder")
         jobs = [audio_dir_job(audio_dir, out)]
         config_path = Path(out).with_suffix(".json")
     workers = cfg.workers or os.cpu_count() or 1

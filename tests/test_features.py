@@ -332,3 +332,7 @@ def test_clotho_layout_problems(tmp_path):
         compute_features(FeaturesConfig(workers=1), root=root, out=tmp_path / "g", splits=["evaluation"])
     with pytest.raises(ClothoRetrieveError, match="no Clotho split"):
         compute_features(FeaturesConfig(workers=1), root=tmp_path / "f", out=tmp_path / "g")
+    with pytest.raises(ClothoRetrieveError, match="is a file"):
+        compute_features(FeaturesConfig(workers=1), audio_dir=root / "development", out=tmp_path)
+    with pytest.raises(ClothoRetrieveError, match="is a folder"):
+        compute_features(FeaturesConfig(workers=1), root=root, out=result["out"])
