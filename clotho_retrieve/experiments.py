@@ -165,11 +165,8 @@ def write_table(
 # The experiment
 # ----------------------------------------------------------------------------------------------
 def _text_to_audio(metrics: dict) -> dict[str, float]:
-    """Pick the text-to-audio metrics (Table I's direction) out of evaluate()'s result."""
-    for key in ("text_to_audio", "t2a", "text-to-audio"):
-        if isinstance(metrics.get(key), dict):
-            metrics = metrics[key]
-            break
+    """The text-to-audio metrics (Table I's direction) of evaluate()'s result."""
+    metrics = metrics.get("text_to_audio", metrics)
     missing = [m for m in METRICS if m not in metrics]
     if missing:
         raise ClothoRetrieveError(
@@ -261,7 +258,9 @@ def run_table(
         )
         if (Path(run) / "metrics.jsonl").is_file():
             plot_training_curves(run)  # RUN/curves.png: loss and validation mAP@10 per epoch
-        metrics = evaluate(run, features, split)
+        metrics = evaluate(
+            run, features, split, batch_size=train_cfg.eval_batch_size, device=train_cfg.device
+        )
         results[variant.name] = _text_to_audio(metrics)
         record = {"variant": dataclasses.asdict(variant), "split": split, "run": str(run), "metrics": metrics}
         atomic_write_text(result_path, json.dumps(record, indent=2, default=float) + "\n")

@@ -116,6 +116,8 @@ class FakeTrainConfig:
     epochs: int = 1
     seed: int = 1234
     resume: bool = False
+    device: str = "cpu"
+    eval_batch_size: int = 4
 
 
 class FakeTrainer:
@@ -142,8 +144,8 @@ class FakeTrainer:
             raise KeyboardInterrupt
         return run
 
-    def evaluate(self, run, features, split) -> dict:
-        self.evaluated.append((Path(run), Path(features), split))
+    def evaluate(self, run, features, split, batch_size, device) -> dict:
+        self.evaluated.append((Path(run), Path(features), split, device))
         r1 = 0.1 * (1 + list(VARIANTS).index(Path(run).name))  # a distinct, known number per variant
         t2a = {"R@1": r1, "R@5": 0.5, "R@10": 0.75, "mAP@10": 0.25}
         return {"text_to_audio": t2a, "audio_to_text": {k: 0.0 for k in t2a}}
@@ -184,7 +186,7 @@ def test_run_table_trains_each_variant_with_identical_settings(tmp_path, tiny_fe
         ("tiny", 8, 1234, 1, False)
     }
     assert {t.features for _, t in fake.calls} == {str(tiny_features.resolve())}
-    assert [e[2] for e in fake.evaluated] == ["evaluation"] * 4
+    assert [e[2:] for e in fake.evaluated] == [("evaluation", "cpu")] * 4
     assert results["gat"]["R@1"] == pytest.approx(0.2)
     assert "| ours | graph attention | 20.0 | 50.0 | 75.0 | 25.0 |" in md_path.read_text()
     assert "| chance | chance level (N = 5) | 20.0 | 100.0 | 100.0 | 45.7 |" in md_path.read_text()
