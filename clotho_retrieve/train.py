@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from clotho_retrieve import __version__
 from clotho_retrieve.data import CAPTION_MODES, PairDataset, PairSampler, SpecAugment, make_loader, pad_batch
-from clotho_retrieve.features import FeatureFile, FrontEnd, features_path
+from clotho_retrieve.features import PRESETS, FeatureFile, FrontEnd, features_path
 from clotho_retrieve.utils import (
     ClothoRetrieveError,
     atomic_path,
@@ -316,13 +316,16 @@ def _validate_settings(cfg: TrainConfig, world_size: int) -> None:
 
 
 def _load_resume(run: Path, cfg: TrainConfig):
-    """(model_cfg, train_cfg, front_end dict) saved in RUN/config.json, with RESUME_OVERRIDES from cfg."""
+    """(model_cfg, train_cfg, front_end dict) saved in RUN/config.json, with RESUME_OVERRIDES from cfg.
+
+    A run killed before its first checkpoint has a config but no last/: it restarts from epoch 0.
+    """
     from clotho_retrieve.models import ModelConfig
 
     config_path = run / "config.json"
     _recover_dir(run / "last")
-    if not config_path.is_file() or not (run / "last" / TRAINER_STATE).is_file():
-        raise ClothoRetrieveError(f"{run}: no checkpoint to resume from (config.json or last/ missing)")
+    if not config_path.is_file():
+        raise ClothoRetrieveError(f"{config_path}: missing; nothing to resume (train without --resume)")
     try:
         saved = json.loads(config_path.read_text(encoding="utf-8"))
         model_cfg = ModelConfig.from_dict(saved["model"])
@@ -383,7 +386,7 @@ def train(
 
     # Model: fresh (optionally with PANNs weights) or the resumed run's last checkpoint.
     seed_everything(cfg.seed)
-    if cfg.resume:
+    if cfg.resume and (run / "last" / TRAINER_STATE).is_file():
         model = RetrievalModel.from_pretrained(run / "last", device="cpu")
         state = torch.load(run / "last" / TRAINER_STATE, map_location="cpu", weights_only=True)
     else:
@@ -391,6 +394,9 @@ def train(
         state = None
         if cfg.audio_weights:
             model.load_audio_weights(resolve_audio_weights(cfg.audio_weights, model_cfg.backbone))
+            diff = _front_end_diff(PRESETS["panns"].to_dict(), front_end)
+            if diff and ddp.main:  # the paper fine-tunes CNN14 on 44.1 kHz features all the same
+                err_console.print(f"[yellow]note:[/] PANNs weights were trained on other features ({diff})")
     model.to(device)
     raw_model = model
     if ddp.world_size > 1:
@@ -510,6 +516,8 @@ def train(
         )
     for ff in train_files + ([val_file] if val_file else []):
         ff.close()
+    if ddp.world_size > 1:
+        dist.destroy_process_group()
     return run
 
 
@@ -531,9 +539,18 @@ def _save_checkpoint(run, model, optimizer, scaler, epoch, step, best_score, bes
     if improved:
         best_tmp = run / ".best.tmp"
         shutil.rmtree(best_tmp, ignore_errors=True)
-        shutil.copytree(tmp, best_tmp, ignore=shutil.ignore_patterns(TRAINER_STATE))
+        # hard links: checkpoint files are never modified in place, only replaced as whole folders
+        skip = shutil.ignore_patterns(TRAINER_STATE)
+        shutil.copytree(tmp, best_tmp, ignore=skip, copy_function=_link_or_copy)
         _replace_dir(best_tmp, run / "best")
     _replace_dir(tmp, run / "last")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
 
 
 def _progress(enabled: bool):
