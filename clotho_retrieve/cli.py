@@ -389,7 +389,7 @@ def index_cmd(
     index_type: str = typer.Option(
         "auto", "--index-type", help="exact (removes the FAISS file) | ivf | hnsw | auto (by size)."
     ),
-    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF cells (0: about sqrt(N))."),
+    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF cells (0: about 2 sqrt(N))."),
     nprobe: int = typer.Option(0, "--nprobe", min=0, help="IVF cells searched per query (0: 16)."),
     hnsw_m: int = typer.Option(32, "--hnsw-m", min=2, help="HNSW neighbours per node."),
     ef_search: int = typer.Option(128, "--ef-search", min=1, help="HNSW search breadth."),

@@ -164,7 +164,7 @@ class AnnConfig:
     """Settings of the approximate index. 0 means "choose from the collection size" (see resolved())."""
 
     index_type: str = "ivf"  # ivf (IVF-Flat) | hnsw (HNSW-Flat); inner product on unit vectors = cosine
-    nlist: int = 0  # IVF cells; 0: about sqrt(N)
+    nlist: int = 0  # IVF cells; 0: about 2 sqrt(N)
     nprobe: int = 0  # IVF cells visited per query; 0: 16 (capped by nlist)
     train_size: int = 0  # IVF k-means training vectors; 0: 40 * nlist
     hnsw_m: int = 32  # HNSW neighbours per node
@@ -172,7 +172,7 @@ class AnnConfig:
     ef_search: int = 128
 
     def resolved(self, n: int) -> AnnConfig:
-        nlist = self.nlist or max(1, int(round(np.sqrt(n))))
+        nlist = self.nlist or max(1, int(round(2 * np.sqrt(n))))
         nlist = min(nlist, n)
         return AnnConfig(
             index_type=self.index_type,
@@ -231,10 +231,10 @@ def build_faiss(vectors: np.ndarray | h5py.Dataset, cfg: AnnConfig, seed: int = 
 
 
 def faiss_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS top-k -> (scores, ids) (Q, k'); rows FAISS could not fill (id -1) are dropped."""
+    """FAISS top-k -> (scores, ids), each (Q, k). Id -1 marks a slot FAISS could not fill (an IVF probe
+    that saw fewer than k vectors); `query.rank` drops those."""
     scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, index.ntotal))
-    keep = (ids >= 0).all(axis=0)
-    return scores[:, keep], ids[:, keep].astype(np.int64)
+    return scores, ids.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +354,9 @@ class EmbeddingIndex:
         return self._h5["caption_embeddings"][:], self._h5["caption_clip"][:], texts
 
     def search(self, queries: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k clips for each query vector (Q, D) -> scores, ids (Q, k); FAISS when built, unless exact."""
+        """Top-k clips for each query vector (Q, D) -> scores, ids (Q, k); FAISS when built, unless exact.
+
+        Approximate search may return id -1 in slots it could not fill."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.embed_dim:
             raise ClothoRetrieveError(

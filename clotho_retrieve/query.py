@@ -143,7 +143,7 @@ def rank(
         texts = None
     results = []
     for q, text in enumerate(queries):
-        r = rows[q].tolist()
+        r = [int(i) for i in rows[q] if i >= 0]  # -1: a slot approximate search left empty
         names, durations = index.names(r), index.durations(r)
         if texts is not None:
             caps = texts[q]

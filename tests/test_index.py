@@ -23,6 +23,7 @@ from clotho_retrieve.index import (
     faiss_search,
 )
 from clotho_retrieve.models import ModelConfig, RetrievalModel
+from clotho_retrieve.query import rank
 from clotho_retrieve.utils import ClothoRetrieveError
 
 
@@ -250,6 +251,12 @@ def test_faiss_index_is_built_rebuilt_and_removed(run, features, tmp_path):
         queries = np.asarray(idx.vectors)[[4, 15]]
         want = brute_force(np.asarray(idx.vectors), queries, 5)
         np.testing.assert_array_equal(idx.search(queries, 5)[1], want)
+    # one probed cell of 8 can hold fewer than k clips: FAISS pads with id -1, which results drop
+    build_ann_index(out, "ivf", AnnConfig(nlist=8, nprobe=1))
+    with EmbeddingIndex(out) as idx:
+        ids = idx.search(np.asarray(idx.vectors)[:1], 16)[1][0]
+        hits = rank(idx, ["q"], np.asarray(idx.vectors)[:1], "audio", k=16)[0].hits
+        assert [h.row for h in hits] == [i for i in ids if i >= 0]
 
 
 def test_embed_refuses_another_runs_index_and_bad_inputs(run, features, tmp_path):
