@@ -18,7 +18,16 @@ from typer.testing import CliRunner
 from clotho_retrieve.cli import app
 from clotho_retrieve.features import FeatureFile, FrontEnd, write_feature_file
 from clotho_retrieve.models import ModelConfig
-from clotho_retrieve.train import TrainConfig, chance_levels, encode_split, train
+from clotho_retrieve.train import (
+    TrainConfig,
+    _lr_at,
+    _recover_dir,
+    _replace_dir,
+    chance_levels,
+    encode_split,
+    evaluate,
+    train,
+)
 from clotho_retrieve.utils import ClothoRetrieveError
 
 SOUNDS = ["dog barks", "rain falls", "car horn honks", "bird sings", "door slams", "water flows"]
@@ -227,3 +236,36 @@ def test_train_cli_refuses_an_existing_run_without_resume(tmp_path, overfit_run,
     result = CliRunner().invoke(app, ["train", "--features", str(features), "--out", str(overfit_run)])
     assert result.exit_code == 1
     assert "already holds a run" in result.output and "Traceback" not in result.output
+
+
+def test_evaluate_refuses_features_of_another_front_end(tmp_path, overfit_run):
+    mels, captions = _clips()
+    path = tmp_path / "evaluation.h5"
+    write_feature_file(path, [str(i) for i in range(6)], mels, [1.0] * 6, FrontEnd(window="hann"), captions)
+    with pytest.raises(ClothoRetrieveError, match=r"evaluation\.h5: front end does not match.*window"):
+        evaluate(overfit_run, path)
+
+
+def test_learning_rate_schedule_by_hand():
+    cfg = TrainConfig(lr=1.0, schedule="cosine")
+    # 2 warmup steps of 10: 1/2, 2/2, then cosine over the remaining 8 steps
+    assert [_lr_at(s, 10, 2, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert _lr_at(2, 10, 2, cfg) == pytest.approx(1.0)
+    assert _lr_at(6, 10, 2, cfg) == pytest.approx(0.5)  # half way: (1 + cos(pi/2)) / 2
+    assert _lr_at(10, 10, 2, cfg) == pytest.approx(0.0)
+    assert _lr_at(7, 10, 0, TrainConfig(lr=3e-4, schedule="constant")) == 3e-4
+
+
+def test_checkpoint_swap_recovers_from_a_crash_between_renames(tmp_path):
+    last = tmp_path / "last"
+    for name, text in ((".last.old", "previous"), (".last.tmp", "half-written")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(text)
+    _recover_dir(last)  # crashed after moving last/ aside: the previous checkpoint comes back
+    assert (last / "f").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    new = tmp_path / ".last.tmp"
+    new.mkdir()
+    (new / "f").write_text("new")
+    _replace_dir(new, last)
+    assert (last / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
