@@ -644,6 +644,8 @@ def embed(
 
     cfg = cfg or EmbedConfig()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
     files = feature_files(features)
     model_dir = resolve_model_dir(checkpoint, cfg.which)
     previous = None

@@ -231,6 +231,11 @@ def test_embed_resumes_after_an_interruption(run, features, tmp_path, monkeypatc
     assert (summary["added"], summary["skipped"], summary["clips"]) == (4, 8, 12)
     with h5py.File(out / "index.h5") as h5:
         assert h5["audio"].shape == (12, EMBED_DIM) and h5["names"].shape == (12,)
+    # an index too big for memory is streamed from HDF5 with the same ranking
+    with EmbeddingIndex(out) as small, EmbeddingIndex(out, in_memory_max=0) as streamed:
+        assert isinstance(small.vectors, np.ndarray) and not isinstance(streamed.vectors, np.ndarray)
+        queries = np.asarray(small.vectors)[[1, 7]]
+        np.testing.assert_array_equal(small.search(queries, 6)[1], streamed.search(queries, 6)[1])
 
 
 def test_faiss_index_is_built_rebuilt_and_removed(run, features, tmp_path):
@@ -271,6 +276,11 @@ def test_embed_refuses_another_runs_index_and_bad_inputs(run, features, tmp_path
         embed(run_dir, tmp_path / "missing.h5", tmp_path / "x")
     with pytest.raises(ClothoRetrieveError, match="no model.safetensors"):
         embed(tmp_path, feat_dir / "b.h5", tmp_path / "x")
+    write_feature_file(
+        tmp_path / "hop256.h5", ["x.wav"], synthetic_mels(1, 5), [1.0], FrontEnd(hop_length=256)
+    )
+    with pytest.raises(ClothoRetrieveError, match="hop_length"):
+        embed(run_dir, tmp_path / "hop256.h5", tmp_path / "x")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "index.h5").write_bytes(b"not hdf5")
     with pytest.raises(ClothoRetrieveError, match="not a readable index"):
