@@ -90,15 +90,8 @@ class RunFingerprint:
     def of(cls, model_dir: Path, known: RunFingerprint | None = None) -> RunFingerprint:
         """Hash the weights, unless ``known`` describes the same unchanged file (same path, size, mtime)."""
         st = (model_dir / WEIGHTS_FILE).stat()
-        if (
-            known
-            and known.model_dir == str(model_dir)
-            and (known.size, known.mtime_ns)
-            == (
-                st.st_size,
-                st.st_mtime_ns,
-            )
-        ):
+        stat = (str(model_dir), st.st_size, st.st_mtime_ns)
+        if known is not None and (known.model_dir, known.size, known.mtime_ns) == stat:
             return known
         return cls(str(model_dir), file_sha256(model_dir / WEIGHTS_FILE), st.st_size, st.st_mtime_ns)
 
@@ -132,7 +125,7 @@ def _topk_rows(scores: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray,
 
 
 def exact_search(
-    vectors: np.ndarray | h5py.Dataset, queries: np.ndarray, k: int, chunk_rows: int = 65_536
+    vectors: np.ndarray | h5py.Dataset | _Prefix, queries: np.ndarray, k: int, chunk_rows: int = 65_536
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of ``queries`` (Q, D) against ``vectors`` (N, D) -> scores, ids (Q, k).
 
@@ -275,20 +268,24 @@ class EmbeddingIndex:
             if audio.shape[0] < self.count or audio.shape[1] != self.embed_dim:
                 raise ValueError(f"audio is {audio.shape}, expected ({self.count}, {self.embed_dim})")
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            if getattr(self, "_h5", None) is not None:
+                self._h5.close()
             raise ClothoRetrieveError(
                 f"{h5_path}: not a readable index ({type(exc).__name__}: {exc}); rebuild it with "
                 "`clotho-retrieve embed`"
             ) from None
-        self._audio_ds = audio
         small = self.count * self.embed_dim * 4 <= in_memory_max
-        self.vectors: np.ndarray | h5py.Dataset = audio[: self.count] if small else audio
+        self.vectors: np.ndarray | _Prefix = audio[: self.count] if small else _Prefix(audio, self.count)
         self.ann, self.ann_config = self._load_faiss()
 
     def _load_faiss(self):
         meta_path = self.path / FAISS_META
         if not meta_path.is_file():
             return None, None
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            meta = {}
         if meta.get("count") != self.count or meta.get("fingerprint") != self.fingerprint.sha256:
             err_console.print(
                 f"[yellow]warning:[/] {self.path / FAISS_FILE} is stale (built for {meta.get('count')} "
@@ -366,10 +363,7 @@ class EmbeddingIndex:
             return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         if self.ann is not None and not exact:
             return faiss_search(self.ann, queries, k)
-        vectors = self.vectors if isinstance(self.vectors, np.ndarray) else self._audio_ds
-        n = self.count
-        view = vectors if isinstance(vectors, np.ndarray) else _Prefix(vectors, n)
-        return exact_search(view, queries, k)
+        return exact_search(self.vectors, queries, k)
 
     def close(self) -> None:
         self._h5.close()
@@ -421,7 +415,7 @@ def build_ann_index(
         cfg = AnnConfig(**{**asdict(cfg or AnnConfig()), "index_type": chosen})
         t0 = time.perf_counter()
         with err_console.status(f"building {chosen} index over {idx.count:,} clips"):
-            ann, resolved = build_faiss(_Prefix(idx._audio_ds, idx.count), cfg)
+            ann, resolved = build_faiss(idx.vectors, cfg)
         (index_dir / FAISS_META).unlink(missing_ok=True)  # never a new .json beside an old .index
         with atomic_path(index_dir / FAISS_FILE) as tmp:
             faiss.write_index(ann, str(tmp))
