@@ -446,7 +446,8 @@ def train(
             f"[bold]train[/] {run}: {len(dataset)} pairs ({cfg.captions} captions) from "
             f"{', '.join(cfg.train_splits)}, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
             f"batch {cfg.batch_size} on {device}{procs}, {n_params / 1e6:.1f} M trainable parameters"
-            + (f"; resuming after epoch {start_epoch}" if start_epoch else "")
+            + (f"; resuming after epoch {start_epoch}" if start_epoch else ""),
+            soft_wrap=True,
         )
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):

@@ -269,3 +269,23 @@ def test_checkpoint_swap_recovers_from_a_crash_between_renames(tmp_path):
     (new / "f").write_text("new")
     _replace_dir(new, last)
     assert (last / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+
+
+def test_torchrun_two_processes_train_one_run(tmp_path, features, tiny_bert):
+    """DistributedDataParallel on the CPU (gloo): both processes train, rank 0 alone writes the run."""
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "clotho_retrieve", "train", "--features", str(features), "--out", str(out),
+        "--backbone", "tiny", "--text-model", tiny_bert, "--d-a", "32", "--embed-dim", "16",
+        "--batch-size", "4", "--epochs", "1", "--val-split", "none", "--no-spec-augment",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch 4 on cpu x 2 processes" in " ".join(proc.stderr.split())
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 3)]  # 12 pairs / global batch 4
+    assert (out / "last" / "trainer_state.pt").is_file() and (out / "best" / "model.safetensors").is_file()
