@@ -126,6 +126,11 @@ def _init_distributed(device: str) -> _Dist:
     return info
 
 
+def _barrier(ddp: _Dist) -> None:
+    if ddp.world_size > 1:
+        dist.barrier()
+
+
 def _open_split(features: str | os.PathLike, split: str) -> FeatureFile:
     path = features_path(features, split)
     if not path.is_file():
@@ -323,7 +328,6 @@ def _load_resume(run: Path, cfg: TrainConfig):
     from clotho_retrieve.models import ModelConfig
 
     config_path = run / "config.json"
-    _recover_dir(run / "last")
     if not config_path.is_file():
         raise ClothoRetrieveError(f"{config_path}: missing; nothing to resume (train without --resume)")
     try:
@@ -360,11 +364,16 @@ def train(
 
     saved_front_end = None
     if train_cfg.resume:
+        if ddp.main:
+            _recover_dir(run / "last")
+            _recover_dir(run / "best")
+        _barrier(ddp)
         model_cfg, train_cfg, saved_front_end = _load_resume(run, train_cfg)
     elif (run / "config.json").exists() or (run / "last").exists():
         raise ClothoRetrieveError(
             f"{run}: already holds a run; pass --resume to continue it, or another --out"
         )
+    _barrier(ddp)  # every process has looked at RUN before rank 0 writes into it
     cfg = train_cfg
     _validate_settings(cfg, ddp.world_size)
     if cfg.loss not in ("ntxent", "supcon"):
@@ -505,8 +514,7 @@ def train(
             history.append(record)
             atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             _print_epoch(record, cfg.epochs, improved)
-        if ddp.world_size > 1:
-            dist.barrier()
+        _barrier(ddp)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
