@@ -235,6 +235,15 @@ def run_table(
         raise ClothoRetrieveError(f"{eval_file}: no clips to evaluate on")
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, _settings(model_cfg, train_cfg))
+    note = ""
+    if getattr(train_cfg, "captions", "all") == "random" and VARIANTS["self-supcon"] in chosen:
+        # One caption per clip and epoch: no batch holds two captions of a clip, so Eq. 7 has no extra
+        # positives and equals Eq. 6 -- the supervised row repeats the self-attention row.
+        note = (
+            "Note: trained with --captions random, where supervised contrastive loss (Eq. 7) equals "
+            "NT-Xent (Eq. 6); use --captions all to compare them."
+        )
+        err_console.print(f"[yellow]warning:[/] {note}")
 
     results: dict[str, dict[str, float]] = {}
     for variant in chosen:
@@ -265,5 +274,5 @@ def run_table(
         record = {"variant": dataclasses.asdict(variant), "split": split, "run": str(run), "metrics": metrics}
         atomic_write_text(result_path, json.dumps(record, indent=2, default=float) + "\n")
 
-    md_path, csv_path = write_table(results, out, n_clips, split)
+    md_path, csv_path = write_table(results, out, n_clips, split, note)
     return results, md_path, csv_path

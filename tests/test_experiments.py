@@ -118,6 +118,7 @@ class FakeTrainConfig:
     resume: bool = False
     device: str = "cpu"
     eval_batch_size: int = 4
+    captions: str = "all"
 
 
 class FakeTrainer:
@@ -281,3 +282,16 @@ def test_table_command_trains_and_explains_for_real(tmp_path, minilm_path):
     result = CliRunner().invoke(app, [*args, "--out", str(png)])
     assert result.exit_code == 0, result.output
     assert imread(png).shape[:2] == (EXPLAIN_SIZE[1] * DPI, EXPLAIN_SIZE[0] * DPI)
+
+
+def test_run_table_notes_that_supcon_equals_ntxent_with_one_caption_per_clip(
+    tmp_path, tiny_features, monkeypatch
+):
+    FakeTrainer().install(monkeypatch)
+    _, md_all, _ = run_table(
+        tiny_features, tmp_path / "a", FakeModelConfig(), FakeTrainConfig(), "self-supcon"
+    )
+    assert "--captions random" not in md_all.read_text()
+    cfg = FakeTrainConfig(captions="random")
+    _, md_random, _ = run_table(tiny_features, tmp_path / "r", FakeModelConfig(), cfg, "self-supcon")
+    assert "trained with --captions random" in md_random.read_text()
