@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -46,7 +45,9 @@ def command(name: str, **kwargs):
                 err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:
-                err_console.print("[yellow]interrupted[/]; re-run the same command to resume.")
+                err_console.print(
+                    "[yellow]interrupted[/]: finished work is kept; re-run to resume (train: add --resume)."
+                )
                 raise typer.Exit(130) from None
 
         return app.command(name, **kwargs)(wrapper)
@@ -62,7 +63,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(  # noqa: UP007
+    version: bool | None = typer.Option(
         None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
@@ -213,7 +214,7 @@ def train_cmd(
     ),
     attention: str = typer.Option("self", "--attention", help="none | self (Eq. 3-4) | gat (Eq. 1-2)."),
     backbone: str = typer.Option("cnn14", "--backbone", help="cnn14 | cnn10 | cnn6 | tiny (CPU demo)."),
-    audio_weights: Optional[str] = typer.Option(  # noqa: UP007, UP045
+    audio_weights: str | None = typer.Option(
         None, "--audio-weights", help="PANNs checkpoint for the backbone: .pth path or cnn14 | cnn10 | cnn6."
     ),
     text_model: str = typer.Option(
@@ -322,7 +323,7 @@ def evaluate_cmd(
     split: str = typer.Option("evaluation", "--split", help="Split to score when --features is a folder."),
     which: str = typer.Option("best", "--which", help="Which model of a run folder: best or last."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
-    submission: Optional[Path] = typer.Option(  # noqa: UP007, UP045
+    submission: Path | None = typer.Option(
         None, "--submission", help="Write DCASE's top-10 CSV: caption,file_name_1,...,file_name_10."
     ),
     batch_size: int = typer.Option(32, "--batch-size", help="Clips per batch."),

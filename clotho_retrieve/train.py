@@ -519,6 +519,9 @@ def train(
             on_epoch_end(epoch, record)
 
     if ddp.main:
+        from clotho_retrieve.plots import plot_training_curves
+
+        plot_training_curves(run)
         console.print(
             f"run {run}: best epoch {best_epoch}"
             + (f", validation mAP@10 {100 * best_score:.2f}" if val_file is not None else "")
