@@ -289,3 +289,30 @@ def test_torchrun_two_processes_train_one_run(tmp_path, features, tiny_bert):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in records] == [(1, 3)]  # 12 pairs / global batch 4
     assert (out / "last" / "trainer_state.pt").is_file() and (out / "best" / "model.safetensors").is_file()
+
+
+def test_train_cli_starts_from_an_official_format_panns_checkpoint(tmp_path, features, tiny_bert):
+    """`train --audio-weights FILE.pth` (the official PANNs dict format) initialises the backbone.
+
+    With lr 0 Adam leaves every weight where it started, so the conv weights in the run's saved
+    safetensors must be the checkpoint's own values (BatchNorm running statistics do move in training).
+    """
+    from test_backbones import fake_checkpoint
+
+    ckpt = fake_checkpoint("cnn6", seed=7)
+    path = tmp_path / "Cnn6_mAP=0.343.pth"
+    torch.save(ckpt, path)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", "--features", str(features), "--out", str(out), "--backbone", "cnn6",
+            "--audio-weights", str(path), "--attention", "none", "--d-a", "512", "--embed-dim", "16",
+            "--text-model", tiny_bert, "--epochs", "1", "--batch-size", "6", "--lr", "0",
+            "--no-spec-augment", "--device", "cpu",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = load_file(str(out / "best" / "model.safetensors"))
+    for key in ("conv_block1.conv1.weight", "conv_block4.conv1.weight", "bn0.weight"):
+        assert torch.equal(saved[f"audio.backbone.{key}"], ckpt["model"][key]), key
