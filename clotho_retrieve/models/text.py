@@ -87,6 +87,10 @@ class TextEncoder(nn.Module):
         )
         return {k: v.to(device) for k, v in batch.items()}
 
+    def n_tokens(self, text: str) -> int:
+        """Tokens of ``text`` before truncation, special tokens included."""
+        return len(self.tokenizer(text, truncation=False)["input_ids"])
+
     def cls(self, texts: list[str]) -> Tensor:
         """Captions -> the [CLS] vector of the last hidden state, (B, D_S)."""
         batch = self.tokenize(texts, self.projector.weight.device)
