@@ -64,6 +64,8 @@ demo: $(DEMO)/index/index.h5
 	$(CLI) query --index $(DEMO)/index --top-k 5 "a dog barks in the rain"
 	$(CLI) query --index $(DEMO)/index --top-k 5 "a church bell rings, then a siren wails"
 	$(CLI) query --index $(DEMO)/index --top-k 5 "birds chirp near running water"
+	@echo "The next query is a caption of evaluation_0001.wav: that clip should rank near the top."
+	$(CLI) query --index $(DEMO)/index --top-k 5 "A cell phone rings while a dog barks in strong wind"
 	@echo "Training curves: $(DEMO)/run/curves.png   Attention map: $(CLI) explain --checkpoint $(DEMO)/run --features $(DEMO)/features/evaluation.h5 --clip 0 --out $(DEMO)/attention.png"
 
 # The paper's Table I (four variants, identical settings and seeds) on the demo data, ~15 min on 2 cores.

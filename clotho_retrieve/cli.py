@@ -189,8 +189,16 @@ def features_cmd(
 
     overrides = {
         k: v
-        for k, v in dict(sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length,
-                         window=window, n_mels=n_mels, f_min=f_min, f_max=f_max).items()
+        for k, v in dict(
+            sample_rate=sample_rate,
+            n_fft=n_fft,
+            win_length=win_length,
+            hop_length=hop_length,
+            window=window,
+            n_mels=n_mels,
+            f_min=f_min,
+            f_max=f_max,
+        ).items()
         if v is not None
     }
     cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict)
@@ -200,6 +208,79 @@ def features_cmd(
 # ----------------------------------------------------------------------------------------------
 # train / evaluate  (owned by clotho_retrieve/train.py)
 # ----------------------------------------------------------------------------------------------
+# Settings shared by `train` and `table` (which trains every variant with the same ones). Each entry is
+# a typer.Option; both commands name them as defaults, and _build_configs splits the values into a
+# ModelConfig and a TrainConfig by field name.
+TRAINING_OPTIONS = {
+    "backbone": typer.Option("cnn14", "--backbone", help="cnn14 | cnn10 | cnn6 | tiny (CPU demo)."),
+    "audio_weights": typer.Option(
+        None, "--audio-weights", help="PANNs checkpoint for the backbone: .pth path or cnn14 | cnn10 | cnn6."
+    ),
+    "text_model": typer.Option(
+        "bert-base-uncased", "--text-model", help="Hugging Face BERT name or a local model folder."
+    ),
+    "text_trainable_layers": typer.Option(
+        -1, "--text-trainable-layers", help="-1: fine-tune all of BERT; 0: freeze its body; k: top k layers."
+    ),
+    "embed_dim": typer.Option(1024, "--embed-dim", help="D, the joint embedding width."),
+    "d_a": typer.Option(1024, "--d-a", help="D_A, the attention width (a linear map from the backbone's C)."),
+    "dropout": typer.Option(0.2, "--dropout", help="Dropout in the backbone and attention."),
+    "max_text_tokens": typer.Option(64, "--max-text-tokens", help="Captions are cut to this many tokens."),
+    "tau": typer.Option(0.07, "--tau", help="Temperature of the loss (Eq. 6-7)."),
+    "train_splits": typer.Option(
+        "development",
+        "--train-splits",
+        help="Comma-separated splits to train on; the paper: development,validation (with --val-split none).",
+    ),
+    "val_split": typer.Option(
+        "validation", "--val-split", help="Split selecting best/ by mAP@10 each epoch; 'none': best = last."
+    ),
+    "batch_size": typer.Option(60, "--batch-size", help="Global batch size (split across processes)."),
+    "lr": typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    "weight_decay": typer.Option(0.0, "--weight-decay", help="Adam weight decay."),
+    "epochs": typer.Option(40, "--epochs", help="Training epochs."),
+    "schedule": typer.Option(
+        "cosine", "--schedule", help="Learning-rate schedule after warmup: cosine | constant."
+    ),
+    "warmup_epochs": typer.Option(1.0, "--warmup-epochs", help="Linear warmup length in epochs."),
+    "grad_clip": typer.Option(2.0, "--grad-clip", help="Max gradient L2 norm; 0 turns clipping off."),
+    "captions": typer.Option(
+        "all", "--captions", help="all: every (clip, caption) pair per epoch; random: one caption per clip."
+    ),
+    "spec_augment": typer.Option(
+        True, "--spec-augment/--no-spec-augment", help="SpecAugment masking of the training log-Mels."
+    ),
+    "freq_mask": typer.Option(8, "--freq-mask", help="SpecAugment: widest frequency mask (Mel bins)."),
+    "n_freq_masks": typer.Option(2, "--n-freq-masks", help="SpecAugment: frequency masks per clip."),
+    "time_mask": typer.Option(40, "--time-mask", help="SpecAugment: widest time mask (frames)."),
+    "n_time_masks": typer.Option(2, "--n-time-masks", help="SpecAugment: time masks per clip."),
+    "seed": typer.Option(0, "--seed", help="Random seed (initialisation, data order, augmentation)."),
+    "num_workers": typer.Option(
+        -1, "--num-workers", help="Data-loader worker processes; -1: 4 on CUDA, 0 on CPU."
+    ),
+    "amp": typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (ignored on CPU)."),
+    "device": typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
+    "eval_batch_size": typer.Option(32, "--eval-batch-size", help="Clips per batch when validating."),
+}
+T = TRAINING_OPTIONS
+
+
+def _build_configs(options: dict):
+    """The values of a command's options -> (ModelConfig, TrainConfig), matched by field name."""
+    from dataclasses import fields
+
+    from clotho_retrieve.models import ModelConfig
+    from clotho_retrieve.train import TrainConfig
+
+    values = dict(options)
+    values["features"], values["out"] = str(values["features"]), str(values["out"])
+    values["train_splits"] = tuple(s.strip() for s in values["train_splits"].split(",") if s.strip())
+    values["val_split"] = None if values["val_split"].lower() in ("", "none") else values["val_split"]
+    model_cfg = ModelConfig(**{f.name: values[f.name] for f in fields(ModelConfig) if f.name in values})
+    train_cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name in values})
+    return model_cfg, train_cfg
+
+
 @command("train")
 def train_cmd(
     features: Path = typer.Option(
@@ -213,56 +294,36 @@ def train_cmd(
         "--features, --epochs, --device, --num-workers, --eval-batch-size.",
     ),
     attention: str = typer.Option("self", "--attention", help="none | self (Eq. 3-4) | gat (Eq. 1-2)."),
-    backbone: str = typer.Option("cnn14", "--backbone", help="cnn14 | cnn10 | cnn6 | tiny (CPU demo)."),
-    audio_weights: str | None = typer.Option(
-        None, "--audio-weights", help="PANNs checkpoint for the backbone: .pth path or cnn14 | cnn10 | cnn6."
-    ),
-    text_model: str = typer.Option(
-        "bert-base-uncased", "--text-model", help="Hugging Face BERT name or a local model folder."
-    ),
-    text_trainable_layers: int = typer.Option(
-        -1, "--text-trainable-layers", help="-1: fine-tune all of BERT; 0: freeze its body; k: top k layers."
-    ),
-    embed_dim: int = typer.Option(1024, "--embed-dim", help="D, the joint embedding width."),
-    d_a: int = typer.Option(1024, "--d-a", help="D_A, the attention width."),
-    dropout: float = typer.Option(0.2, "--dropout", help="Dropout in the backbone and attention."),
-    max_text_tokens: int = typer.Option(64, "--max-text-tokens", help="Captions are cut to this many tokens"),
     loss: str = typer.Option("ntxent", "--loss", help="ntxent (Eq. 6) | supcon (Eq. 7)."),
-    tau: float = typer.Option(0.07, "--tau", help="Temperature of the loss."),
-    train_splits: str = typer.Option(
-        "development",
-        "--train-splits",
-        help="Comma-separated splits to train on; the paper: development,validation (with --val-split none).",
-    ),
-    val_split: str = typer.Option(
-        "validation", "--val-split", help="Split selecting best/ by mAP@10 each epoch; 'none': best = last."
-    ),
-    batch_size: int = typer.Option(60, "--batch-size", help="Global batch size (split across processes)."),
-    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Adam weight decay."),
-    epochs: int = typer.Option(40, "--epochs", help="Training epochs."),
-    schedule: str = typer.Option(
-        "cosine", "--schedule", help="Learning-rate schedule after warmup: cosine | constant."
-    ),
-    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warmup length in epochs."),
-    grad_clip: float = typer.Option(2.0, "--grad-clip", help="Max gradient L2 norm; 0 turns clipping off."),
-    captions: str = typer.Option(
-        "all", "--captions", help="all: every (clip, caption) pair per epoch; random: one caption per clip."
-    ),
-    spec_augment: bool = typer.Option(
-        True, "--spec-augment/--no-spec-augment", help="SpecAugment masking of the training log-Mels."
-    ),
-    freq_mask: int = typer.Option(8, "--freq-mask", help="SpecAugment: widest frequency mask (Mel bins)."),
-    n_freq_masks: int = typer.Option(2, "--n-freq-masks", help="SpecAugment: frequency masks per clip."),
-    time_mask: int = typer.Option(40, "--time-mask", help="SpecAugment: widest time mask (frames)."),
-    n_time_masks: int = typer.Option(2, "--n-time-masks", help="SpecAugment: time masks per clip."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (initialisation, data order, augmentation)."),
-    num_workers: int = typer.Option(
-        -1, "--num-workers", help="Data-loader worker processes; -1: 4 on CUDA, 0 on CPU."
-    ),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (ignored on CPU)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
-    eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="Clips per batch when validating."),
+    backbone: str = T["backbone"],
+    audio_weights: str | None = T["audio_weights"],
+    text_model: str = T["text_model"],
+    text_trainable_layers: int = T["text_trainable_layers"],
+    embed_dim: int = T["embed_dim"],
+    d_a: int = T["d_a"],
+    dropout: float = T["dropout"],
+    max_text_tokens: int = T["max_text_tokens"],
+    tau: float = T["tau"],
+    train_splits: str = T["train_splits"],
+    val_split: str = T["val_split"],
+    batch_size: int = T["batch_size"],
+    lr: float = T["lr"],
+    weight_decay: float = T["weight_decay"],
+    epochs: int = T["epochs"],
+    schedule: str = T["schedule"],
+    warmup_epochs: float = T["warmup_epochs"],
+    grad_clip: float = T["grad_clip"],
+    captions: str = T["captions"],
+    spec_augment: bool = T["spec_augment"],
+    freq_mask: int = T["freq_mask"],
+    n_freq_masks: int = T["n_freq_masks"],
+    time_mask: int = T["time_mask"],
+    n_time_masks: int = T["n_time_masks"],
+    seed: int = T["seed"],
+    num_workers: int = T["num_workers"],
+    amp: bool = T["amp"],
+    device: str = T["device"],
+    eval_batch_size: int = T["eval_batch_size"],
 ) -> None:
     """3. Train a retrieval model (CNN14 + attention x BERT).
 
@@ -270,48 +331,9 @@ def train_cmd(
 
     Under torchrun (torchrun --nproc_per_node N -m clotho_retrieve train ...) it runs DistributedDataParallel.
     """
-    from clotho_retrieve.models import ModelConfig
-    from clotho_retrieve.train import TrainConfig, train
+    from clotho_retrieve.train import train
 
-    model_cfg = ModelConfig(
-        backbone=backbone,
-        attention=attention,
-        d_a=d_a,
-        embed_dim=embed_dim,
-        text_model=text_model,
-        max_text_tokens=max_text_tokens,
-        text_trainable_layers=text_trainable_layers,
-        dropout=dropout,
-    )
-    train_cfg = TrainConfig(
-        features=str(features),
-        out=str(out),
-        train_splits=tuple(s.strip() for s in train_splits.split(",") if s.strip()),
-        val_split=None if val_split.lower() in ("", "none") else val_split,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        epochs=epochs,
-        schedule=schedule,
-        warmup_epochs=warmup_epochs,
-        grad_clip=grad_clip,
-        loss=loss,
-        tau=tau,
-        captions=captions,
-        spec_augment=spec_augment,
-        freq_mask=freq_mask,
-        n_freq_masks=n_freq_masks,
-        time_mask=time_mask,
-        n_time_masks=n_time_masks,
-        audio_weights=audio_weights,
-        seed=seed,
-        num_workers=num_workers,
-        amp=amp,
-        device=device,
-        eval_batch_size=eval_batch_size,
-        resume=resume,
-    )
-    train(model_cfg, train_cfg)
+    train(*_build_configs(locals()))
 
 
 @command("evaluate")
@@ -409,7 +431,7 @@ def index_cmd(
 
 @command("query")
 def query_cmd(
-    text: str | None = typer.Argument(None, help="What to look for, e.g. \"dog barking in rain\"."),
+    text: str | None = typer.Argument(None, help='What to look for, e.g. "dog barking in rain".'),
     index: Path = typer.Option(..., "--index", help="Index folder written by `embed`."),
     top_k: int = typer.Option(10, "--top-k", "-k", min=1, help="How many results per query."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per query and line, for scripts."),
@@ -473,47 +495,35 @@ def table_cmd(
         help="Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7).",
     ),
     split: str = typer.Option("evaluation", "--split", help="Split the table is measured on."),
-    backbone: str = typer.Option("cnn14", "--backbone", help="cnn14 | cnn10 | cnn6 | tiny (CPU demo)."),
-    audio_weights: str | None = typer.Option(
-        None, "--audio-weights", help="PANNs checkpoint: a .pth path, or cnn14 | cnn10 | cnn6."
-    ),
-    text_model: str = typer.Option(
-        "bert-base-uncased", "--text-model", help="Hugging Face BERT name or a local model folder."
-    ),
-    text_trainable_layers: int = typer.Option(
-        -1, "--text-trainable-layers", help="-1: fine-tune all of BERT; 0: freeze its body; k: top k layers."
-    ),
-    embed_dim: int = typer.Option(1024, "--embed-dim", help="D, the joint embedding width."),
-    d_a: int = typer.Option(1024, "--d-a", help="D_A, the attention width."),
-    dropout: float = typer.Option(0.2, "--dropout", help="Dropout in the backbone and attention."),
-    max_text_tokens: int = typer.Option(64, "--max-text-tokens", help="Captions are cut to this length."),
-    tau: float = typer.Option(0.07, "--tau", help="Temperature of both losses."),
-    train_splits: str = typer.Option(
-        "development", "--train-splits", help="Comma-separated splits to train on."
-    ),
-    val_split: str = typer.Option(
-        "validation", "--val-split", help="Split selecting best/ by mAP@10; 'none': best = last."
-    ),
-    batch_size: int = typer.Option(60, "--batch-size", help="Global batch size."),
-    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Adam weight decay."),
-    epochs: int = typer.Option(40, "--epochs", help="Training epochs per variant."),
-    schedule: str = typer.Option("cosine", "--schedule", help="Schedule after warmup: cosine | constant."),
-    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warmup length in epochs."),
-    grad_clip: float = typer.Option(2.0, "--grad-clip", help="Max gradient L2 norm; 0 turns clipping off."),
-    captions: str = typer.Option(
-        "all", "--captions", help="all: every (clip, caption) pair per epoch; random: one caption per clip."
-    ),
-    spec_augment: bool = typer.Option(
-        True, "--spec-augment/--no-spec-augment", help="SpecAugment masking of the training log-Mels."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Random seed, the same for every variant."),
-    num_workers: int = typer.Option(
-        -1, "--num-workers", help="Data-loader worker processes; -1: 4 on CUDA, 0 on CPU."
-    ),
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (ignored on CPU)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
-    eval_batch_size: int = typer.Option(32, "--eval-batch-size", help="Clips per batch when evaluating."),
+    backbone: str = T["backbone"],
+    audio_weights: str | None = T["audio_weights"],
+    text_model: str = T["text_model"],
+    text_trainable_layers: int = T["text_trainable_layers"],
+    embed_dim: int = T["embed_dim"],
+    d_a: int = T["d_a"],
+    dropout: float = T["dropout"],
+    max_text_tokens: int = T["max_text_tokens"],
+    tau: float = T["tau"],
+    train_splits: str = T["train_splits"],
+    val_split: str = T["val_split"],
+    batch_size: int = T["batch_size"],
+    lr: float = T["lr"],
+    weight_decay: float = T["weight_decay"],
+    epochs: int = T["epochs"],
+    schedule: str = T["schedule"],
+    warmup_epochs: float = T["warmup_epochs"],
+    grad_clip: float = T["grad_clip"],
+    captions: str = T["captions"],
+    spec_augment: bool = T["spec_augment"],
+    freq_mask: int = T["freq_mask"],
+    n_freq_masks: int = T["n_freq_masks"],
+    time_mask: int = T["time_mask"],
+    n_time_masks: int = T["n_time_masks"],
+    seed: int = T["seed"],
+    num_workers: int = T["num_workers"],
+    amp: bool = T["amp"],
+    device: str = T["device"],
+    eval_batch_size: int = T["eval_batch_size"],
 ) -> None:
     """Reproduce the paper's Table I: train and evaluate the four variants.
 
@@ -526,41 +536,9 @@ def table_cmd(
     from rich.table import Table
 
     from clotho_retrieve.experiments import METRICS, PAPER_TABLE_I, VARIANTS, run_table
-    from clotho_retrieve.models import ModelConfig
-    from clotho_retrieve.train import TrainConfig
     from clotho_retrieve.utils import console
 
-    model_cfg = ModelConfig(
-        backbone=backbone,
-        d_a=d_a,
-        embed_dim=embed_dim,
-        text_model=text_model,
-        max_text_tokens=max_text_tokens,
-        text_trainable_layers=text_trainable_layers,
-        dropout=dropout,
-    )
-    train_cfg = TrainConfig(
-        features=str(features),
-        out=str(out),
-        train_splits=tuple(s.strip() for s in train_splits.split(",") if s.strip()),
-        val_split=None if val_split.lower() in ("", "none") else val_split,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        epochs=epochs,
-        schedule=schedule,
-        warmup_epochs=warmup_epochs,
-        grad_clip=grad_clip,
-        tau=tau,
-        captions=captions,
-        spec_augment=spec_augment,
-        audio_weights=audio_weights,
-        seed=seed,
-        num_workers=num_workers,
-        amp=amp,
-        device=device,
-        eval_batch_size=eval_batch_size,
-    )
+    model_cfg, train_cfg = _build_configs(locals())
     results, md_path, csv_path = run_table(features, out, model_cfg, train_cfg, variants, split)
 
     table = Table(title=f"Table I on the {split} split: text-to-audio, %, ours / paper")
