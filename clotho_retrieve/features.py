@@ -12,8 +12,13 @@ HDF5 layout (one file per split, or one for a folder of audio)::
     /durations    (N,) float64                  seconds of the source audio
     /names        (N,) str                      file names (relative paths for --audio-dir)
     /captions     (N, K) str                    K captions per clip ("" pads; K = 0 when there are none)
+    /source_size, /source_mtime_ns  (N,) int64  the source file's size and st_mtime_ns when it was computed
     /skipped/names, /skipped/reasons  (M,) str  files left out and why
+    /skipped/source_size, /skipped/source_mtime_ns  (M,) int64   same, -1 for problems found before decoding
     attrs: every FrontEnd field (mel_norm None is stored as "none"), format, format_version, source, split
+
+Format version 2 added the source_* datasets (what lets a re-run reuse unchanged clips); version 1 files
+are still read, with every size and mtime unknown (-1), so nothing of theirs is reused.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import numpy as np
 from clotho_retrieve.utils import ClothoRetrieveError
 
 FORMAT = "clotho-retrieve-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: /source_size, /source_mtime_ns (incremental updates)
+UNKNOWN = -1  # size / mtime of a source never stat'ed (format version 1, problems found before decoding)
 SPLITS = ("development", "validation", "evaluation")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
@@ -403,6 +409,14 @@ def _strings(ds) -> list:
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()].ravel().tolist()]
 
 
+def _sources(h5, group: str, n: int) -> np.ndarray:
+    """(n, 2) int64 [size, mtime_ns] from ``group``source_size / source_mtime_ns, UNKNOWN when absent."""
+    if f"{group}source_size" not in h5:
+        return np.full((n, 2), UNKNOWN, np.int64)
+    size, mtime_ns = h5[f"{group}source_size"][()], h5[f"{group}source_mtime_ns"][()]
+    return np.stack([size, mtime_ns], axis=1).astype(np.int64)
+
+
 class FeatureFile:
     """Read side of one features HDF5 file: metadata in memory, clips read on demand in O(1).
 
@@ -442,6 +456,9 @@ class FeatureFile:
                 self.skipped: list[tuple[str, str]] = list(
                     zip(_strings(h5["skipped/names"]), _strings(h5["skipped/reasons"]), strict=True)
                 )
+                # (size, mtime_ns) of each source when computed; UNKNOWN in files of format version 1
+                self.sources: np.ndarray = _sources(h5, "", len(self.names))  # (N, 2) int64
+                self.skipped_sources: np.ndarray = _sources(h5, "skipped/", len(self.skipped))  # (M, 2)
         except (OSError, KeyError) as exc:
             raise ClothoRetrieveError(
                 f"{self.path}: unreadable features file ({exc}); delete it and re-run `features`"
@@ -504,12 +521,15 @@ def write_feature_file(
     captions: list[list[str]] | None = None,
     skipped: list[tuple[str, str]] | None = None,
     n_frames: list[int] | None = None,
+    sources: np.ndarray | None = None,
+    skipped_sources: np.ndarray | None = None,
     **attrs,
 ) -> Path:
     """Write a complete features file atomically (temporary name, then rename); see the module docstring.
 
     ``mels`` is consumed once, in order; clip i must have front_end.n_mels columns. With ``n_frames``
-    given, ``mels`` may be a lazy iterator (bounded memory).
+    given, ``mels`` may be a lazy iterator (bounded memory). ``sources`` / ``skipped_sources``: (N, 2) and
+    (M, 2) [size, mtime_ns] of the source files (UNKNOWN = -1 when not given: never reused by a re-run).
     """
     import h5py
 
@@ -525,6 +545,8 @@ def write_feature_file(
     k = max((len(c) for c in captions), default=0)
     cap = np.array([list(c) + [""] * (k - len(c)) for c in captions], dtype=object).reshape(len(names), k)
     skipped = skipped or []
+    sources = _source_array(sources, len(names))
+    skipped_sources = _source_array(skipped_sources, len(skipped))
     text = h5py.string_dtype("utf-8")
     with atomic_path(path, suffix=".h5.tmp") as tmp:
         umask = os.umask(0)
@@ -544,6 +566,9 @@ def write_feature_file(
             h5.create_dataset("captions", data=cap, dtype=text, shape=(len(names), k))
             for col, key in enumerate(("skipped/names", "skipped/reasons")):
                 h5.create_dataset(key, data=np.array([s[col] for s in skipped], dtype=object), dtype=text)
+            for group, src in (("", sources), ("skipped/", skipped_sources)):
+                h5.create_dataset(f"{group}source_size", data=src[:, 0])
+                h5.create_dataset(f"{group}source_mtime_ns", data=src[:, 1])
             for key, value in front_end.to_dict().items():
                 h5.attrs[key] = "none" if value is None else value
             h5.attrs["format"] = FORMAT
@@ -551,6 +576,12 @@ def write_feature_file(
             for key, value in attrs.items():
                 h5.attrs[key] = value
     return path
+
+
+def _source_array(sources, n: int) -> np.ndarray:
+    if sources is None:
+        return np.full((n, 2), UNKNOWN, np.int64)
+    return np.asarray(sources, np.int64).reshape(n, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -681,6 +712,7 @@ def _shard_name(name: str) -> str:
 
 
 def _signature(path: Path) -> np.ndarray:
+    """[size, st_mtime_ns] of a source file: what tells a re-run that the file changed."""
     st = path.stat()
     return np.array([st.st_size, st.st_mtime_ns], np.int64)
 
@@ -692,12 +724,16 @@ def _init_worker() -> None:
 
 
 def _compute_shard(name: str, path: Path, work: Path, front_end: FrontEnd) -> tuple[str, str | None]:
-    """Compute one clip and save its shard atomically: <hash>.npz (features) or <hash>.skip (reason)."""
+    """Compute one clip and save its shard atomically: <hash>.npz (features) or <hash>.skip (reason).
+
+    Both record the source's signature taken before decoding, so a file changed meanwhile is redone.
+    """
     import json
 
     from clotho_retrieve.utils import atomic_path
 
     key = _shard_name(name)
+    signature = np.full(2, UNKNOWN, np.int64)
     try:
         signature = _signature(path)
         mel, duration = decode_log_mel(path, front_end)
@@ -709,9 +745,12 @@ def _compute_shard(name: str, path: Path, work: Path, front_end: FrontEnd) -> tu
         with atomic_path(work / f"{key}.npz", suffix=".part") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, mel=mel, duration=np.float64(duration), signature=signature)
+        (work / f"{key}.skip").unlink(missing_ok=True)  # an older version of the file was unreadable
         return name, None
     with atomic_path(work / f"{key}.skip", suffix=".part") as tmp:
-        tmp.write_text(json.dumps({"name": name, "reason": reason}), encoding="utf-8")
+        record = {"name": name, "reason": reason, "signature": signature.tolist()}
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+    (work / f"{key}.npz").unlink(missing_ok=True)
     return name, reason
 
 
@@ -720,16 +759,58 @@ def _finished(name: str, path: Path, work: Path) -> tuple[bool, str | None]:
     import json
 
     key = _shard_name(name)
-    if (work / f"{key}.skip").is_file():
-        return True, json.loads((work / f"{key}.skip").read_text(encoding="utf-8"))["reason"]
-    npz = work / f"{key}.npz"
-    if npz.is_file():
+    try:
+        now = _signature(path)
+    except OSError:
+        return False, None  # gone since the listing: computing it records why
+    for shard in (work / f"{key}.skip", work / f"{key}.npz"):
+        if not shard.is_file():
+            continue
         try:
-            with np.load(npz, allow_pickle=False) as z:
-                return bool(np.array_equal(z["signature"], _signature(path))), None
+            if shard.suffix == ".skip":
+                record = json.loads(shard.read_text(encoding="utf-8"))
+                return (True, record["reason"]) if record.get("signature") == now.tolist() else (False, None)
+            with np.load(shard, allow_pickle=False) as z:
+                return bool(np.array_equal(z["signature"], now)), None
         except (OSError, ValueError, KeyError):
-            npz.unlink()
+            shard.unlink()
     return False, None
+
+
+def _shard(work: Path, name: str) -> tuple[np.ndarray | None, float, np.ndarray, str | None]:
+    """(mel or None, duration, signature, skip reason) of a finished clip's shard."""
+    import json
+
+    key = _shard_name(name)
+    if (work / f"{key}.skip").is_file():
+        record = json.loads((work / f"{key}.skip").read_text(encoding="utf-8"))
+        return None, 0.0, np.asarray(record["signature"], np.int64), record["reason"]
+    with np.load(work / f"{key}.npz", allow_pickle=False) as z:
+        return z["mel"], float(z["duration"]), z["signature"], None
+
+
+def _reusable(job: Job, existing: FeatureFile) -> tuple[dict[str, int], dict[str, tuple[str, np.ndarray]]]:
+    """What an existing output still holds for ``job``: entries whose source has the recorded size and mtime.
+
+    Returns name -> index in ``existing`` (features to copy) and name -> (reason, signature) (a file that
+    was skipped and has not changed since). UNKNOWN signatures (format version 1) never match.
+    """
+    clips = {name: i for i, name in enumerate(existing.names)}
+    skips = {name: (reason, sig) for (name, reason), sig in zip(existing.skipped, existing.skipped_sources,
+                                                                 strict=True) if sig[0] != UNKNOWN}
+    reuse_clip, reuse_skip = {}, {}
+    for name, path in zip(job.names, job.paths, strict=True):
+        if name not in clips and name not in skips:
+            continue
+        try:
+            now = _signature(path)
+        except OSError:
+            continue
+        if name in clips and np.array_equal(existing.sources[clips[name]], now):
+            reuse_clip[name] = clips[name]
+        elif name in skips and np.array_equal(skips[name][1], now):
+            reuse_skip[name] = skips[name]
+    return reuse_clip, reuse_skip
 
 
 def _speed_column():
@@ -770,7 +851,13 @@ class _LazyPool:
 
 def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = False,
             pool: _LazyPool | None = None) -> dict:
-    """Compute (or finish) one HDF5 file. Returns {"out", "clips", "skipped", "computed", "status"}."""
+    """Compute, finish or bring up to date one HDF5 file.
+
+    Over an existing output with the same front end, clips whose source has the recorded name, size and
+    mtime are copied from it, new or changed files are computed, removed ones dropped; when nothing
+    changed, nothing is written. Returns {"out", "clips", "skipped", "computed", "reused", "removed",
+    "status"}.
+    """
     import shutil
     from concurrent.futures import FIRST_COMPLETED, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -779,33 +866,38 @@ def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = Fals
 
     from clotho_retrieve.utils import err_console
 
+    work = _work_dir(job.out, front_end)
+    existing, reuse_clip, reuse_skip, removed = None, {}, {}, 0
     if job.out.is_file():
         try:
             existing = FeatureFile(job.out)
         except ClothoRetrieveError:
             existing = None
-        if existing is not None and existing.front_end == front_end:
-            shutil.rmtree(_work_dir(job.out, front_end), ignore_errors=True)  # killed after the rename
-            return {"out": job.out, "clips": len(existing), "skipped": existing.skipped, "computed": 0,
-                    "status": "up to date"}
-        raise ClothoRetrieveError(
-            f"{job.out}: exists with a different front end or format; delete it or choose another --out"
-        )
-    if strict and job.skipped:
-        name, reason = job.skipped[0]
+        if existing is None or existing.front_end != front_end:
+            raise ClothoRetrieveError(
+                f"{job.out}: exists with a different front end or format; delete it or choose another --out"
+            )
+        reuse_clip, reuse_skip = _reusable(job, existing)
+        removed = len(set(existing.names) - set(job.names))
+        if len(reuse_clip) + len(reuse_skip) == len(job.names):  # every source unchanged: same content?
+            names = [n for n in job.names if n in reuse_clip]
+            captions = [c for n, c in zip(job.names, job.captions, strict=True) if n in reuse_clip]
+            skipped = job.skipped + [(n, reuse_skip[n][0]) for n in job.names if n in reuse_skip]
+            if (existing.names, existing.captions, existing.skipped) == (names, captions, skipped) and all(
+                str(existing.attrs.get(k)) == str(v) for k, v in job.attrs.items()
+            ):
+                shutil.rmtree(work, ignore_errors=True)  # killed after the rename
+                return {"out": job.out, "clips": len(existing), "skipped": existing.skipped, "computed": 0,
+                        "reused": len(job.names), "removed": 0, "status": "up to date"}
+    if strict and (job.skipped or reuse_skip):
+        name, reason = job.skipped[0] if job.skipped else next((n, r) for n, (r, _) in reuse_skip.items())
         raise ClothoRetrieveError(f"{name}: {reason} (--strict)")
-    work = _work_dir(job.out, front_end)
     work.mkdir(parents=True, exist_ok=True)
     for stale in list(work.glob("*.part")) + list(job.out.parent.glob(f".{job.out.name}.*.h5.tmp")):
         stale.unlink(missing_ok=True)  # left by a run killed mid-write
 
-    todo, skip_reasons = [], {}
-    for name, path in zip(job.names, job.paths, strict=True):
-        done, reason = _finished(name, path, work)
-        if not done:
-            todo.append((name, path))
-        elif reason is not None:
-            skip_reasons[name] = reason
+    todo = [(name, path) for name, path in zip(job.names, job.paths, strict=True)
+            if name not in reuse_clip and name not in reuse_skip and not _finished(name, path, work)[0]]
     workers = max(1, workers or os.cpu_count() or 1)
     progress = Progress(
         TextColumn(f"features {job.out.name}"), BarColumn(), MofNCompleteColumn(), _speed_column(),
@@ -813,14 +905,12 @@ def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = Fals
     )
 
     def record(name: str, reason: str | None) -> None:
-        if reason is not None:
-            if strict:
-                raise ClothoRetrieveError(f"{name}: {reason} (--strict)")
-            skip_reasons[name] = reason
+        if reason is not None and strict:
+            raise ClothoRetrieveError(f"{name}: {reason} (--strict)")
         progress.advance(task)
 
     with progress:
-        resumed = len(job.names) - len(todo)
+        resumed = len(job.names) - len(todo)  # reused from the old file or from shards of a killed run
         task = progress.add_task("", total=len(job.names), completed=resumed, resumed=resumed)
         if workers == 1 or len(todo) == 1:
             import torch
@@ -856,27 +946,45 @@ def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = Fals
             if own_pool:
                 pool.close()
 
-    # Assemble: every clip has a shard; write the HDF5 under a temporary name, then rename.
-    keep = [i for i, name in enumerate(job.names) if name not in skip_reasons]
-    skipped = job.skipped + [(name, skip_reasons[name]) for name in job.names if name in skip_reasons]
-    shards = [work / f"{_shard_name(job.names[i])}.npz" for i in keep]
-    n_frames, durations = [], []
-    for shard in shards:
-        with np.load(shard, allow_pickle=False) as z:
-            n_frames.append(int(z["mel"].shape[0]))
-            durations.append(float(z["duration"]))
+    # Assemble in the job's order (what a run from scratch writes): reused clips are copied from the old
+    # file, the others read from their shards. Written under a temporary name, then renamed.
+    kept = []  # (name, captions, n_frames, duration, signature, index in the old file or None)
+    skipped, skipped_sources = list(job.skipped), [np.full(2, UNKNOWN, np.int64)] * len(job.skipped)
+    for name, caps in zip(job.names, job.captions, strict=True):
+        if name in reuse_clip:
+            i = reuse_clip[name]
+            kept.append((name, caps, int(existing.n_frames[i]), float(existing.durations[i]),
+                         existing.sources[i], i))
+            continue
+        if name in reuse_skip:
+            reason, signature = reuse_skip[name]
+        else:
+            mel, duration, signature, reason = _shard(work, name)
+        if reason is not None:
+            skipped.append((name, reason))
+            skipped_sources.append(signature)
+        else:
+            kept.append((name, caps, len(mel), duration, signature, None))
 
     def mels() -> Iterator[np.ndarray]:  # one clip in memory at a time
-        for shard in shards:
-            with np.load(shard, allow_pickle=False) as z:
-                yield z["mel"]
+        for name, *_, i in kept:
+            yield existing[i] if i is not None else _shard(work, name)[0]
 
-    write_feature_file(job.out, [job.names[i] for i in keep], mels(), durations, front_end,
-                       captions=[job.captions[i] for i in keep], skipped=skipped, n_frames=n_frames,
-                       **job.attrs)
+    try:
+        write_feature_file(job.out, [k[0] for k in kept], mels(), [k[3] for k in kept], front_end,
+                           captions=[k[1] for k in kept], skipped=skipped, n_frames=[k[2] for k in kept],
+                           sources=np.array([k[4] for k in kept], np.int64).reshape(-1, 2),
+                           skipped_sources=np.array(skipped_sources, np.int64).reshape(-1, 2), **job.attrs)
+    finally:
+        if existing is not None:
+            existing.close()
     shutil.rmtree(work, ignore_errors=True)
-    return {"out": job.out, "clips": len(keep), "skipped": skipped, "computed": len(todo),
-            "status": "written"}
+    reused = len(reuse_clip) + len(reuse_skip)
+    status = "written" if existing is None else (
+        f"updated: {reused} reused, {len(todo)} computed, {removed} removed"
+    )
+    return {"out": job.out, "clips": len(kept), "skipped": skipped, "computed": len(todo), "reused": reused,
+            "removed": removed, "status": status}
 
 
 def compute_features(
@@ -887,7 +995,8 @@ def compute_features(
     splits: list[str] | None = None,
 ) -> list[dict]:
     """The `features` stage: a Clotho root (one HDF5 per split into folder ``out``) or ``audio_dir``
-    (one HDF5 file ``out``). Resumable: re-running finishes an interrupted run; finished files are kept.
+    (one HDF5 file ``out``). Resumable: re-running finishes an interrupted run, and brings a finished file
+    up to date with its sources (see run_job).
     """
     import json
 
@@ -932,7 +1041,7 @@ def print_report(results: list[dict]) -> None:
         table.add_row(str(r["out"]), str(r["clips"]), str(len(r["skipped"])), str(r["computed"]), r["status"])
     console.print(table)
     if all(r["status"] == "up to date" for r in results):
-        console.print("Nothing to do: every output is complete (delete a file to recompute it).")
+        console.print("Nothing to do: every output is complete and no source file changed.")
     skipped = [(r["out"].name, name, reason) for r in results for name, reason in r["skipped"]]
     if skipped:
         table = Table(title=f"skipped clips ({len(skipped)}, also stored in each file's /skipped)")

@@ -336,3 +336,114 @@ def test_clotho_layout_problems(tmp_path):
         compute_features(FeaturesConfig(workers=1), audio_dir=root / "development", out=tmp_path)
     with pytest.raises(ClothoRetrieveError, match="is a folder"):
         compute_features(FeaturesConfig(workers=1), root=root, out=result["out"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-running over a changed library: reuse unchanged clips, compute new or changed ones, drop removed ones
+# ----------------------------------------------------------------------------------------------
+def _counting_compute(monkeypatch, crash_at: int = 0) -> list[str]:
+    """Record the names _compute_shard is called for; with crash_at, stop the run at that call."""
+    real, calls = features._compute_shard, []
+
+    def counting(*args):
+        calls.append(args[0])
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(features, "_compute_shard", counting)
+    return calls
+
+
+def test_rerun_updates_a_changed_folder_like_a_fresh_run(tmp_path, monkeypatch):
+    audio, out = _clips(tmp_path / "audio", 5), tmp_path / "out.h5"
+    (audio / "broken.wav").write_bytes(b"")  # skipped now, fixed later
+    (audio / "text.mp3").write_text("not audio\n" * 20)  # skipped, stays broken
+    compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    before = FeatureFile(out)
+    assert len(before) == 5 and {n for n, _ in before.skipped} == {"broken.wav", "text.mp3"}
+
+    # the library changes: 2 files added, 1 removed, 1 rewritten (same size), 1 broken file fixed
+    (audio / "clip_003.wav").unlink()
+    sf.write(str(audio / "new_a.wav"), _test_signal(44100, 0.4, 10), 44100, subtype="PCM_16")
+    (audio / "sub").mkdir()
+    sf.write(str(audio / "sub" / "new_b.wav"), _test_signal(44100, 0.2, 11), 44100, subtype="PCM_16")
+    old_mtime = (audio / "clip_001.wav").stat().st_mtime_ns
+    sf.write(str(audio / "clip_001.wav"), _test_signal(44100, 0.3, 99), 44100, subtype="PCM_16")
+    os.utime(audio / "clip_001.wav", ns=(old_mtime + 10**9, old_mtime + 10**9))
+    sf.write(str(audio / "broken.wav"), _test_signal(44100, 0.3, 12), 44100, subtype="PCM_16")
+    changed = {"new_a.wav", "sub/new_b.wav", "clip_001.wav", "broken.wav"}
+
+    calls = _counting_compute(monkeypatch, crash_at=2)  # killed while updating: the old file is intact
+    with pytest.raises(KeyboardInterrupt):
+        compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    _same_file(out, before.path)
+    assert set(calls) <= changed and len(calls) == 2
+    first, calls = calls[0], _counting_compute(monkeypatch)
+    (result,) = compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    assert sorted(calls) == sorted(changed - {first})  # the first one's shard survived the interruption
+    assert result["status"] == "updated: 4 reused, 3 computed, 1 removed", result["status"]
+
+    calls = _counting_compute(monkeypatch)
+    compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=tmp_path / "fresh.h5")
+    assert len(calls) == 8  # 7 audio files + text.mp3
+    _same_file(out, tmp_path / "fresh.h5")  # same names in the same order, identical frames, same skips
+    f = FeatureFile(out)
+    assert "clip_003.wav" not in f.names and f.skipped[0][0] == "text.mp3" and len(f.skipped) == 1
+    for name, (size, mtime_ns) in zip(f.names, f.sources, strict=True):
+        st = (audio / name).stat()
+        assert (size, mtime_ns) == (st.st_size, st.st_mtime_ns)
+    wave, sr = sf.read(str(audio / "clip_001.wav"), dtype="float32")
+    assert np.array_equal(f[f.index("clip_001.wav")], log_mel(wave, sr, PRESETS["paper"]))
+
+    mtime = out.stat().st_mtime_ns  # nothing changed since: nothing computed, nothing written
+    calls = _counting_compute(monkeypatch)
+    (result,) = compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    assert (result["status"], calls, out.stat().st_mtime_ns) == ("up to date", [], mtime)
+    sf.write(str(audio / "new_c.wav"), _test_signal(44100, 0.3, 13), 44100, subtype="PCM_16")
+    with pytest.raises(ClothoRetrieveError, match="text.mp3: .*--strict"):  # an unchanged skip still counts
+        compute_features(FeaturesConfig(workers=1, strict=True), audio_dir=audio, out=out)
+    assert out.stat().st_mtime_ns == mtime
+
+
+def _write_captions(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows([["file_name", "caption_1", "caption_2"]] + rows)
+
+
+def test_rerun_follows_the_captions_csv(tmp_path, monkeypatch):
+    root, out = tmp_path / "clotho", tmp_path / "f"
+    _clips(root / "validation", 3)
+    csv_path = root / "clotho_captions_validation.csv"
+    _write_captions(csv_path, [["clip_000.wav", "a dog", ""], ["clip_001.wav", "rain", "wind"],
+                               ["clip_002.wav", "a car", ""]])
+    compute_features(FeaturesConfig(workers=1), root=root, out=out)
+    # captions edited, rows reordered, one row dropped (its file becomes a "no caption row" skip)
+    _write_captions(csv_path, [["clip_002.wav", "a red car", "engine"], ["clip_000.wav", "a dog", ""]])
+    calls = _counting_compute(monkeypatch)
+    (result,) = compute_features(FeaturesConfig(workers=1), root=root, out=out)
+    assert calls == [] and result["status"] == "updated: 2 reused, 0 computed, 1 removed"
+    f = FeatureFile(features_path(out, "validation"))
+    assert f.names == ["clip_002.wav", "clip_000.wav"]
+    assert f.captions == [["a red car", "engine"], ["a dog"]]
+    assert f.skipped == [("clip_001.wav", "no caption row in clotho_captions_validation.csv")]
+    compute_features(FeaturesConfig(workers=1), root=root, out=tmp_path / "fresh")
+    _same_file(features_path(out, "validation"), features_path(tmp_path / "fresh", "validation"))
+
+
+def test_format_version_1_files_are_read_and_recomputed_once(tmp_path, monkeypatch):
+    audio, out = _clips(tmp_path / "audio", 3), tmp_path / "out.h5"
+    compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    with h5py.File(out, "a") as h5:  # what format version 1 wrote: no source sizes or mtimes
+        for key in ("source_size", "source_mtime_ns", "skipped/source_size", "skipped/source_mtime_ns"):
+            del h5[key]
+        h5.attrs["format_version"] = 1
+    old = FeatureFile(out)
+    assert len(old) == 3 and old.sources.tolist() == [[features.UNKNOWN] * 2] * 3
+    calls = _counting_compute(monkeypatch)  # unverifiable clips are recomputed, the file upgraded
+    (result,) = compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    assert sorted(calls) == old.names and result["status"] == "updated: 0 reused, 3 computed, 0 removed"
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["format_version"] == features.FORMAT_VERSION == 2
+    (result,) = compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    assert result["status"] == "up to date"
