@@ -68,7 +68,7 @@ demo: $(DEMO)/index/index.h5
 	$(CLI) query --index $(DEMO)/index --top-k 5 "A cell phone rings while a dog barks in strong wind"
 	@echo "Training curves: $(DEMO)/run/curves.png   Attention map: $(CLI) explain --checkpoint $(DEMO)/run --features $(DEMO)/features/evaluation.h5 --clip 0 --out $(DEMO)/attention.png"
 
-# The paper's Table I (four variants, identical settings and seeds) on the demo data, ~15 min on 2 cores.
+# The paper's Table I (four variants, identical settings and seeds) on the demo data, ~20 min on 2 cores.
 # --captions all for 2 epochs costs what 10 epochs of one random caption per clip cost, and lets a clip
 # appear twice in a batch, which is where supervised contrastive loss (Eq. 7) differs from NT-Xent (Eq. 6).
 table: $(DEMO)/features/evaluation.h5
