@@ -33,13 +33,7 @@ from clotho_retrieve.utils import ClothoRetrieveError
 SOUNDS = ["dog barks", "rain falls", "car horn honks", "bird sings", "door slams", "water flows"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and bit-reproducibly) on one thread, the more so on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
