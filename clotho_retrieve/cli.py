@@ -378,9 +378,16 @@ def embed_cmd(
     features: Path = typer.Option(
         ..., "--features", help="A features .h5 file, or a folder of them (all Clotho splits)."
     ),
-    out: Path = typer.Option(..., "--out", help="Index folder to create, resume or add clips to."),
+    out: Path = typer.Option(
+        ..., "--out", help="Index folder to create, resume, or bring in step with the features."
+    ),
     captions: bool = typer.Option(
         False, "--captions", help="Also embed the captions (audio-to-text queries)."
+    ),
+    prune: bool = typer.Option(
+        False,
+        "--prune",
+        help="Drop index rows whose clips are not in --features (off: an index may gather several files).",
     ),
     index_type: str = typer.Option(
         "auto", "--index-type", help="exact | ivf | hnsw | auto (exact up to 50,000 clips, else ivf)."
@@ -392,16 +399,19 @@ def embed_cmd(
 ) -> None:
     """5. Embed audio (and captions) with a trained run into a searchable index.
 
+    New clips are appended, clips whose features changed are re-embedded, unchanged ones kept.
+
     Example: clotho-retrieve embed --checkpoint runs/demo --features demo/features --out demo/index
     """
     from clotho_retrieve.index import EmbedConfig, embed
     from clotho_retrieve.utils import console, resolve_device
 
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
-    summary = embed(checkpoint, features, out, cfg)
+    summary = embed(checkpoint, features, out, cfg, prune=prune)
     console.print(
         f"{summary['index']}: {summary['clips']:,} clips ({summary['added']:,} added, "
-        f"{summary['skipped']:,} already there), search: {summary['index_type']}",
+        f"{summary['updated']:,} updated, {summary['removed']:,} removed, {summary['unchanged']:,} "
+        f"unchanged), search: {summary['index_type']}",
         highlight=False,
     )
 

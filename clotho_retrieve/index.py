@@ -8,20 +8,26 @@ On-disk layout of an INDEX folder::
         sources             (N,)   str       the feature file each clip came from (e.g. "evaluation.h5")
         durations           (N,)   float64   seconds
         captions            (N,)   str       JSON list of the clip's captions ("[]" when unknown)
+        clip_fingerprints   (N,)   S32       blake2b-128 (hex) of the clip's float32 log-Mel frames;
+                                             "" = unknown (rows of a format version 1 index)
         caption_embeddings  (M, D) float32   optional (embed --captions): one row per caption
         caption_clip        (M,)   int64     the audio row each caption belongs to
         caption_text        (M,)   str       the caption itself
         attrs: format_version, run (absolute path), which (best | last), fingerprint (SHA-256 of the
                run's model.safetensors), weights_size / weights_mtime_ns (to skip re-hashing an
                unchanged file), embed_dim, front_end (JSON), model_config (JSON),
-               count (rows committed), captions_done (clips whose captions are embedded)
+               count (rows committed), captions_done (clips whose captions are embedded),
+               captions_wanted (caption embeddings were asked for once: `embed` keeps them complete)
     INDEX/embed.json    the EmbedConfig of the last `embed`
     INDEX/faiss.index   optional approximate index over `audio` (FAISS, inner product)
     INDEX/faiss.json    its AnnConfig plus the row count and fingerprint it was built from
 
 Rows are appended a chunk at a time and ``count`` is raised only after a chunk is flushed, so an
-interrupted `embed` resumes where it stopped (rows past ``count`` are discarded on reopen) and a later
-`embed` with more features adds only clips whose names are not in the index yet.
+interrupted `embed` resumes where it stopped (rows past ``count`` are discarded on reopen). A later
+`embed` keeps the index in step with the features given: new names are appended, rows whose clip
+fingerprint changed are re-embedded in place (their fingerprint is written last, so an interruption
+leaves them "changed" and the next run redoes them), and with ``prune`` rows whose names are not in
+the features are dropped by rewriting index.h5 atomically.
 
 Search is exact by default: a chunked matrix product with top-k selection by ``np.argpartition`` and
 ties broken by row number, so its order equals a brute-force NumPy ranking. For large collections
@@ -43,7 +49,7 @@ import numpy as np
 
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_path, atomic_write_text, err_console
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: clip_fingerprints
 INDEX_FILE = "index.h5"
 FAISS_FILE = "faiss.index"
 FAISS_META = "faiss.json"
@@ -52,6 +58,7 @@ INDEX_TYPES = ("auto", "exact", "ivf", "hnsw")
 AUTO_EXACT_MAX = 50_000  # `auto`: exact search up to this many clips, IVF above (see docs/readme/query.md)
 
 _STR = h5py.string_dtype(encoding="utf-8")
+_FP = np.dtype("S32")  # a clip fingerprint: 32 hex digits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,6 +460,24 @@ def feature_files(features: str | os.PathLike) -> list[Path]:
     raise ClothoRetrieveError(f"{path}: no such features file or folder; run `clotho-retrieve features`")
 
 
+CLIP_COLUMNS = ("audio", "names", "sources", "captions", "durations", "clip_fingerprints")  # one row a clip
+CAPTION_COLUMNS = ("caption_embeddings", "caption_clip", "caption_text")  # one row a caption
+
+
+def clip_fingerprint(mel: np.ndarray) -> bytes:
+    """blake2b-128 (32 hex digits) of a clip's float32 log-Mel frames (T, M) and their shape.
+
+    Equal fingerprints mean `embed` would write the same audio row, so it can keep it. The front end
+    needs no part in it (one index holds one front end, checked on open). Captions are not part of
+    it: the same clip may come with captions in one features file and without in another.
+    """
+    mel = np.ascontiguousarray(mel, dtype=np.float32)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(mel.shape, np.int64).tobytes())
+    digest.update(mel.tobytes())
+    return digest.hexdigest().encode("ascii")
+
+
 class _IndexWriter:
     """Append side of INDEX/index.h5: creates it, checks it belongs to the run, commits rows chunk-wise."""
 
@@ -491,6 +516,11 @@ class _IndexWriter:
                 raise ClothoRetrieveError(
                     f"{path}: built with another front end or dimension; use a new --out"
                 )
+            if "clip_fingerprints" not in self.h5:  # format version 1: every row's features are unknown
+                self.h5.create_dataset(
+                    "clip_fingerprints", (count,), _FP, maxshape=(None,), chunks=(4096,), fillvalue=b""
+                )
+                self.h5.attrs["format_version"] = FORMAT_VERSION
             self._truncate(count, int(a["captions_done"]))
         else:
             with atomic_path(path) as tmp:  # the empty skeleton appears whole or not at all
@@ -530,13 +560,14 @@ class _IndexWriter:
         for name in ("names", "sources", "captions"):
             h5.create_dataset(name, (0,), _STR, maxshape=(None,), chunks=(4096,))
         h5.create_dataset("durations", (0,), np.float64, maxshape=(None,), chunks=(4096,))
+        h5.create_dataset("clip_fingerprints", (0,), _FP, maxshape=(None,), chunks=(4096,))
         h5.create_dataset("caption_embeddings", (0, d), np.float32, maxshape=(None, d), chunks=(256, d))
         h5.create_dataset("caption_clip", (0,), np.int64, maxshape=(None,), chunks=(4096,))
         h5.create_dataset("caption_text", (0,), _STR, maxshape=(None,), chunks=(4096,))
 
     def _truncate(self, count: int, captions_done: int) -> None:
         """Drop rows an interrupted run wrote past the committed counters."""
-        for name in ("audio", "names", "sources", "captions", "durations"):
+        for name in CLIP_COLUMNS:
             self.h5[name].resize(count, axis=0)
         clip = self.h5["caption_clip"][:]
         m = int(np.searchsorted(clip, captions_done))  # caption rows are in clip order
@@ -557,6 +588,9 @@ class _IndexWriter:
     def captions(self, start: int, stop: int) -> list[list[str]]:
         return [json.loads(v) for v in self.h5["captions"][start:stop]]
 
+    def clip_fingerprints(self) -> list[bytes]:
+        return list(self.h5["clip_fingerprints"][: self.count])
+
     @staticmethod
     def _append(ds: h5py.Dataset, values) -> None:
         n = ds.shape[0]
@@ -570,6 +604,7 @@ class _IndexWriter:
         sources: list[str],
         durations: list[float],
         captions: list[list[str]],
+        fingerprints: list[bytes],
     ) -> None:
         """Append one chunk of clips (emb (n, D)), then commit it by raising `count`."""
         assert self.h5["audio"].shape[0] == self.count, "uncommitted rows"
@@ -578,9 +613,67 @@ class _IndexWriter:
         self._append(self.h5["sources"], sources)
         self._append(self.h5["durations"], np.asarray(durations, np.float64))
         self._append(self.h5["captions"], [json.dumps(c, ensure_ascii=False) for c in captions])
+        self._append(self.h5["clip_fingerprints"], np.asarray(fingerprints, _FP))
         self.h5.flush()
         self.h5.attrs["count"] = self.count + len(names)
         self.h5.flush()
+
+    def update_clips(
+        self,
+        rows: np.ndarray,
+        emb: np.ndarray,
+        sources: list[str],
+        durations: list[float],
+        captions: list[list[str]],
+        fingerprints: list[bytes],
+    ) -> None:
+        """Overwrite committed rows (increasing, emb (n, D)) in place; their fingerprints go last, so an
+        interrupted update leaves them unequal to the features and the next `embed` redoes them."""
+        assert np.all(np.diff(rows) > 0) and rows[-1] < self.count
+        self.h5["audio"][rows] = emb.astype(np.float32)
+        self.h5["sources"][rows] = sources
+        self.h5["durations"][rows] = np.asarray(durations, np.float64)
+        self.h5["captions"][rows] = [json.dumps(c, ensure_ascii=False) for c in captions]
+        self.h5.flush()
+        self.h5["clip_fingerprints"][rows] = np.asarray(fingerprints, _FP)
+        self.h5.flush()
+
+    def forget_captions_from(self, row: int) -> None:
+        """Drop the caption embeddings of clips >= row (they are re-embedded from there, in clip order)."""
+        if row >= self.captions_done:
+            return
+        m = int(np.searchsorted(self.h5["caption_clip"][:], row))
+        self.h5.attrs["captions_done"] = row  # first: a crash leaves rows past it, which _truncate drops
+        self.h5.flush()
+        for name in CAPTION_COLUMNS:
+            self.h5[name].resize(m, axis=0)
+        self.h5.flush()
+
+    def keep_rows(self, keep: np.ndarray, chunk_rows: int = 65_536) -> None:
+        """Keep only the clips where ``keep`` (count,) is True (and their captions): index.h5 is rewritten
+        chunk by chunk under a temporary name and renamed, so a reader sees the old or the new file."""
+        count, captions_done = self.count, self.captions_done
+        new_row = np.cumsum(keep) - 1  # (count,) new row of each kept clip
+        attrs = dict(self.h5.attrs)
+        attrs.update(count=int(keep.sum()), captions_done=int(keep[:captions_done].sum()))
+        d = self.h5["audio"].shape[1]
+        with atomic_path(self.path) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                self._create(h5, d)
+                for a, b in _chunks(count, chunk_rows):
+                    k = keep[a:b]
+                    for name in CLIP_COLUMNS:
+                        self._append(h5[name], self.h5[name][a:b][k])
+                n_caps = self.h5["caption_clip"].shape[0]
+                for a, b in _chunks(n_caps, chunk_rows):
+                    clip = self.h5["caption_clip"][a:b]
+                    k = keep[clip]
+                    self._append(h5["caption_embeddings"], self.h5["caption_embeddings"][a:b][k])
+                    self._append(h5["caption_text"], self.h5["caption_text"][a:b][k])
+                    self._append(h5["caption_clip"], new_row[clip[k]])
+                h5.attrs.update(attrs)
+            self.h5.close()
+        self.h5 = h5py.File(self.path, "a")
 
     def add_captions(self, emb: np.ndarray, clip: np.ndarray, texts: list[str], captions_done: int) -> None:
         """Append caption embeddings of clips [captions_done_before, captions_done), then commit them."""
@@ -625,11 +718,15 @@ def embed(
     features: str | os.PathLike,
     out: str | os.PathLike,
     cfg: EmbedConfig | None = None,
+    prune: bool = False,
 ) -> dict:
     """Embed every clip of ``features`` (file or folder) with the run's audio tower into the INDEX ``out``.
 
-    Clips already in the index (same name) are skipped, so re-running resumes an interrupted run and
-    adding a features file adds only its new clips. Returns a summary dict.
+    The index is brought in step with the features: clips whose names are new are appended, clips whose
+    log-Mel frames changed (`clip_fingerprint`) are re-embedded in place (captions too), and with
+    ``prune`` rows whose names are not in ``features`` are removed; unchanged clips are kept as they are,
+    so re-running resumes an interrupted run. A name in several feature files is taken from the first.
+    Returns a summary dict (added, updated, removed, unchanged).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -642,15 +739,17 @@ def embed(
         raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
     files = feature_files(features)
     model_dir = resolve_model_dir(checkpoint, cfg.which)
-    previous = None
+    previous, had_captions = None, False
     if (out / INDEX_FILE).is_file():  # reuse the recorded hash when the weights file is unchanged
         try:
             with EmbeddingIndex(out, in_memory_max=0) as old:
                 previous = old.fingerprint
+                had_captions = bool(old._h5.attrs.get("captions_wanted", old.captions_done > 0))
         except ClothoRetrieveError:
             previous = None
     fingerprint = RunFingerprint.of(model_dir, previous)
-    parts = ("audio", "text") if cfg.captions else ("audio",)
+    with_captions = cfg.captions or had_captions  # an index with caption embeddings keeps them complete
+    parts = ("audio", "text") if with_captions else ("audio",)
     with err_console.status(f"loading {model_dir}"):
         model = RetrievalModel.from_pretrained(model_dir, parts=parts, device=cfg.device).eval()
     model_cfg = asdict(model.cfg)
@@ -678,16 +777,51 @@ def embed(
         front_end.to_dict(),
         model_cfg,
     )
+    writer.h5.attrs["captions_wanted"] = with_captions
     atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
     try:
-        seen = set(writer.names())
-        todo: list[tuple[int, int]] = []  # (file number, clip number) of clips not in the index yet
+        # Clip fingerprints, streamed one clip at a time: (file number, clip number) -> fingerprint
+        wanted: dict[str, tuple[int, int]] = {}  # name -> where it is in the features (first file wins)
         for s, ff in enumerate(sources):
             for i, name in enumerate(ff.names):
-                if name not in seen:
-                    seen.add(name)
-                    todo.append((s, i))
-        skipped = sum(len(ff) for ff in sources) - len(todo)
+                wanted.setdefault(name, (s, i))
+        fps: dict[tuple[int, int], bytes] = {}
+        with err_console.status(f"fingerprinting {len(wanted):,} clips"):
+            for s, i in wanted.values():
+                fps[s, i] = clip_fingerprint(sources[s][i])
+
+        names = writer.names()
+        keep = np.array([n in wanted for n in names], dtype=bool)
+        removed = int((~keep).sum()) if prune else 0
+        if removed:
+            _drop_faiss(out)
+            writer.keep_rows(keep)
+            names = writer.names()
+        row_of = {n: r for r, n in enumerate(names)}
+        old_fps = writer.clip_fingerprints()
+        update: list[tuple[int, int, int]] = []  # (row, file number, clip number): features changed
+        todo: list[tuple[int, int]] = []  # (file number, clip number) of clips not in the index yet
+        for name, (s, i) in wanted.items():
+            row = row_of.get(name)
+            if row is None:
+                todo.append((s, i))
+            elif old_fps[row] != fps[s, i]:
+                update.append((row, s, i))
+        update.sort()
+        unchanged = len(wanted) - len(todo) - len(update)
+        if update or todo:
+            _drop_faiss(out)  # never a FAISS file that disagrees with the rows, even if interrupted
+        if update:
+            writer.forget_captions_from(update[0][0])
+
+        def clip_columns(chunk: list[tuple[int, int]]) -> dict:
+            return {
+                "sources": [files[s].name for s, i in chunk],
+                "durations": [float(sources[s].durations[i]) for s, i in chunk],
+                "captions": [list(sources[s].captions[i]) for s, i in chunk],
+                "fingerprints": [fps[s, i] for s, i in chunk],
+            }
+
         progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -696,20 +830,23 @@ def embed(
             console=err_console,
         )
         with progress:
+            if update:
+                task = progress.add_task("re-embedding changed audio", total=len(update))
+                for start in range(0, len(update), cfg.chunk_size):
+                    chunk = update[start : start + cfg.chunk_size]
+                    mels = [sources[s][i] for _, s, i in chunk]  # (T_i, M) float32 each
+                    emb = encode_clips(model, mels, cfg.batch_size, cfg.device)  # (n, D) unit norm
+                    rows = np.array([r for r, _, _ in chunk])
+                    writer.update_clips(rows, emb, **clip_columns([(s, i) for _, s, i in chunk]))
+                    progress.advance(task, len(chunk))
             task = progress.add_task("embedding audio", total=len(todo))
             for start in range(0, len(todo), cfg.chunk_size):
                 chunk = todo[start : start + cfg.chunk_size]
                 mels = [sources[s][i] for s, i in chunk]  # (T_i, M) float32 each
                 emb = encode_clips(model, mels, cfg.batch_size, cfg.device)  # (n, D) unit norm
-                writer.add_clips(
-                    emb,
-                    names=[sources[s].names[i] for s, i in chunk],
-                    sources=[files[s].name for s, i in chunk],
-                    durations=[float(sources[s].durations[i]) for s, i in chunk],
-                    captions=[list(sources[s].captions[i]) for s, i in chunk],
-                )
+                writer.add_clips(emb, names=[sources[s].names[i] for s, i in chunk], **clip_columns(chunk))
                 progress.advance(task, len(chunk))
-            if cfg.captions:
+            if with_captions:  # caption rows of new and changed clips
                 _embed_captions(model, writer, progress, cfg)
         count, captions_done = writer.count, writer.captions_done
     finally:
@@ -724,16 +861,24 @@ def embed(
         meta_path = out / FAISS_META
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         if meta.get("count") != count or meta.get("config", {}).get("index_type") != index_type:
-            build_ann_index(out, index_type)
+            build_ann_index(out, index_type)  # rows changed: _drop_faiss removed the old one
     return {
         "index": str(out),
         "clips": count,
         "added": len(todo),
-        "skipped": skipped,
-        "captions_embedded_for": captions_done if cfg.captions else 0,
+        "updated": len(update),
+        "removed": removed,
+        "unchanged": unchanged,
+        "captions_embedded_for": captions_done if with_captions else 0,
         "index_type": index_type,
         "fingerprint": fingerprint.sha256,
     }
+
+
+def _drop_faiss(out: Path) -> None:
+    """Remove the FAISS files before rows change; `embed` rebuilds them once the rows are written."""
+    for name in (FAISS_META, FAISS_FILE):
+        (out / name).unlink(missing_ok=True)
 
 
 def _embed_captions(model, writer: _IndexWriter, progress, cfg: EmbedConfig) -> None:

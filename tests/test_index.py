@@ -198,7 +198,7 @@ def test_embed_writes_the_documented_layout_and_appends(run, features, tmp_path)
 
     # adding a second file: only its 4 new clips are embedded, old rows are untouched
     summary = embed(run_dir, feat_dir / "b.h5", out, EmbedConfig(chunk_size=3, captions=True))
-    assert (summary["clips"], summary["added"], summary["skipped"]) == (16, 4, 3)
+    assert (summary["clips"], summary["added"], summary["unchanged"]) == (16, 4, 3)
     with EmbeddingIndex(out) as idx:
         assert idx.all_names() == names
         np.testing.assert_array_equal(np.asarray(idx.vectors)[:12], vectors)
@@ -228,7 +228,7 @@ def test_embed_resumes_after_an_interruption(run, features, tmp_path, monkeypatc
         assert idx.count == 8 and idx.all_names() == names[:8]
     monkeypatch.setattr(_IndexWriter, "add_clips", real_add)
     summary = embed(run_dir, feat_dir / "a" / "evaluation.h5", out, EmbedConfig(chunk_size=4))
-    assert (summary["added"], summary["skipped"], summary["clips"]) == (4, 8, 12)
+    assert (summary["added"], summary["unchanged"], summary["clips"]) == (4, 8, 12)
     with h5py.File(out / "index.h5") as h5:
         assert h5["audio"].shape == (12, EMBED_DIM) and h5["names"].shape == (12,)
     # an index too big for memory is streamed from HDF5 with the same ranking
@@ -287,3 +287,98 @@ def test_embed_refuses_another_runs_index_and_bad_inputs(run, features, tmp_path
         EmbeddingIndex(tmp_path / "junk")
     with pytest.raises(ClothoRetrieveError, match="no index.h5"):
         EmbeddingIndex(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------------------
+# embed into an existing index: changed clips re-embedded, removed ones pruned, old indexes upgraded
+# ----------------------------------------------------------------------------------------------
+def caption_rows_match_clips(idx: EmbeddingIndex, model) -> None:
+    """Every caption row belongs to its clip, in clip order, and holds that caption's embedding."""
+    cap_vectors, cap_clip, cap_text = idx.caption_vectors()
+    want_clip = [r for r in range(idx.count) for _ in idx.captions([r])[0]]
+    want_text = [c for r in range(idx.count) for c in idx.captions([r])[0]]
+    assert list(cap_clip) == want_clip and cap_text == want_text
+    with torch.inference_mode():
+        np.testing.assert_allclose(cap_vectors, model.encode_text(cap_text).numpy(), atol=1e-4)
+
+
+def test_embed_keeps_the_index_in_step_with_changed_features(run, features, tmp_path, monkeypatch):
+    run_dir, model = run
+    feat_dir, names, mels = features
+    out = tmp_path / "index"
+    embed(run_dir, feat_dir / "a", out, EmbedConfig(chunk_size=4, captions=True, index_type="hnsw"))
+    with EmbeddingIndex(out) as idx:
+        before = np.asarray(idx.vectors).copy()
+    # the library changed: clips 3 and 7 re-recorded (new captions), clip 11 gone, one clip new
+    new_mels = list(mels[:11]) + synthetic_mels(1, seed=9)
+    new_mels[3], new_mels[7] = mels[7] + 1.0, mels[3][:50]
+    new_names = names[:11] + ["new.wav"]
+    captions = [[f"sound {i}", f"noise {i}"] for i in range(12)]
+    captions[3], captions[7] = ["changed three"], ["changed seven", "again", "and again"]
+    write_feature_file(tmp_path / "v2.h5", new_names, new_mels, [1.0] * 12, FrontEnd(), captions=captions)
+
+    real_update = _IndexWriter.update_clips
+
+    def crash_after_audio(self, rows, emb, *args, **kw):  # rows written, fingerprints never
+        self.h5["audio"][rows] = emb
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_IndexWriter, "update_clips", crash_after_audio)
+    with pytest.raises(KeyboardInterrupt):
+        embed(run_dir, tmp_path / "v2.h5", out, EmbedConfig(chunk_size=1, index_type="hnsw"))
+    assert not (out / "faiss.index").exists()  # dropped before any row changed: never stale
+    monkeypatch.setattr(_IndexWriter, "update_clips", real_update)
+    summary = embed(run_dir, tmp_path / "v2.h5", out, EmbedConfig(chunk_size=1, index_type="hnsw"))
+    assert [summary[k] for k in ("added", "updated", "removed", "unchanged", "clips")] == [1, 2, 0, 9, 13]
+    with EmbeddingIndex(out) as idx:
+        vectors = np.asarray(idx.vectors)
+        assert idx.all_names() == names[:12] + ["new.wav"]  # c11 stays without --prune
+        for row, mel in ((3, new_mels[3]), (7, new_mels[7]), (12, new_mels[11])):
+            np.testing.assert_allclose(vectors[row], encode_one(model, mel), atol=1e-4)
+        same = [r for r in range(12) if r not in (3, 7)]
+        np.testing.assert_array_equal(vectors[same], before[same])
+        assert idx.captions([3, 7]) == [captions[3], captions[7]]
+        assert idx.durations([3, 4]) == [1.0, 14.0]  # row 4 unchanged keeps its duration
+        assert idx.has_caption_embeddings  # kept complete although --captions was not given
+        caption_rows_match_clips(idx, model)
+        assert idx.ann.ntotal == 13  # FAISS rebuilt over the changed rows
+        np.testing.assert_array_equal(idx.search(vectors[[3, 7]], 1)[1][:, 0], [3, 7])
+
+    summary = embed(run_dir, tmp_path / "v2.h5", out, EmbedConfig(index_type="hnsw"), prune=True)
+    assert [summary[k] for k in ("added", "updated", "removed", "unchanged", "clips")] == [0, 0, 1, 12, 12]
+    with EmbeddingIndex(out) as idx:
+        assert idx.all_names() == new_names
+        np.testing.assert_array_equal(np.asarray(idx.vectors), vectors[list(range(11)) + [12]])
+        caption_rows_match_clips(idx, model)
+        assert idx.ann.ntotal == 12
+
+
+def test_an_index_without_clip_fingerprints_is_re_embedded_once(run, features, tmp_path, monkeypatch):
+    run_dir, model = run
+    feat_dir, names, _ = features
+    out = tmp_path / "index"
+    embed(run_dir, feat_dir / "a", out, EmbedConfig(captions=True))
+    with h5py.File(out / "index.h5", "a") as h5:  # what format version 1 wrote
+        del h5["clip_fingerprints"]
+        for key in ("format_version", "captions_wanted"):
+            del h5.attrs[key]
+        before = h5["audio"][:]
+
+    # interrupted while re-embedding from row 0: the caption rows of every clip are already dropped
+    def interrupt(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_IndexWriter, "update_clips", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        embed(run_dir, feat_dir / "a", out)
+    monkeypatch.undo()
+    summary = embed(run_dir, feat_dir / "a", out, EmbedConfig(chunk_size=5))
+    assert (summary["updated"], summary["unchanged"], summary["added"]) == (12, 0, 0)
+    assert summary["captions_embedded_for"] == 12  # still wanted, although none were left
+    with EmbeddingIndex(out) as idx:
+        caption_rows_match_clips(idx, model)
+    with h5py.File(out / "index.h5") as h5:
+        assert h5.attrs["format_version"] == 2 and h5["clip_fingerprints"].shape == (12,)
+        np.testing.assert_allclose(h5["audio"][:], before, atol=1e-6)
+    summary = embed(run_dir, feat_dir / "a", out)
+    assert (summary["updated"], summary["unchanged"]) == (0, 12)
