@@ -604,16 +604,18 @@ class _IndexWriter:
         sources: list[str],
         durations: list[float],
         captions: list[list[str]],
-        fingerprints: list[bytes],
+        fingerprints: list[bytes] | None = None,
     ) -> None:
-        """Append one chunk of clips (emb (n, D)), then commit it by raising `count`."""
+        """Append one chunk of clips (emb (n, D)), then commit it by raising `count`.
+
+        Without ``fingerprints`` the rows' features count as unknown: a later `embed` re-embeds them."""
         assert self.h5["audio"].shape[0] == self.count, "uncommitted rows"
         self._append(self.h5["audio"], emb.astype(np.float32))
         self._append(self.h5["names"], names)
         self._append(self.h5["sources"], sources)
         self._append(self.h5["durations"], np.asarray(durations, np.float64))
         self._append(self.h5["captions"], [json.dumps(c, ensure_ascii=False) for c in captions])
-        self._append(self.h5["clip_fingerprints"], np.asarray(fingerprints, _FP))
+        self._append(self.h5["clip_fingerprints"], np.asarray(fingerprints or [b""] * len(names), _FP))
         self.h5.flush()
         self.h5.attrs["count"] = self.count + len(names)
         self.h5.flush()
