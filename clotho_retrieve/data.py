@@ -24,7 +24,7 @@ import torchaudio.transforms as AT
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from clotho_retrieve.features import FeatureFile
+from clotho_retrieve.feature_file import FeatureFile
 from clotho_retrieve.utils import ClothoRetrieveError
 
 CAPTION_MODES = ("all", "random")

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from clotho_retrieve.datasets.clotho import SPLITS, captions_name
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_path, atomic_write_text, err_console
 
 SR = 44100
-SPLITS = ("development", "validation", "evaluation")
 
 
 @dataclass
@@ -433,7 +433,7 @@ def make_demo_data(
             writer = csv.writer(buf, lineterminator="\n")
             writer.writerow(["file_name"] + [f"caption_{k}" for k in range(1, 6)])
             writer.writerows(rows)
-            atomic_write_text(out / f"clotho_captions_{split}.csv", buf.getvalue())
+            atomic_write_text(out / captions_name(split), buf.getvalue())
     atomic_write_text(out / "demo_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     return cfg.sizes()
 

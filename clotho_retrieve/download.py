@@ -3,7 +3,8 @@
 Everything a training node needs can be fetched here once, on a machine with internet:
 
 * ``download_clotho`` — the three audio archives and the caption / metadata CSVs of Clotho v2.1
-  (Zenodo record 4783391), unpacked into ``ROOT/{development,validation,evaluation}/``.
+  (Zenodo record 4783391; the file table is datasets/clotho.py's), unpacked into
+  ``ROOT/{development,validation,evaluation}/``.
 * ``download_panns`` — the PANNs Cnn14 / Cnn10 / Cnn6 AudioSet checkpoints (Zenodo record 3987831)
   into a cache folder, so ``train --audio-weights cnn14`` can resolve the name offline.
 * ``download_text_model`` — a Hugging Face text model (BERT) into the local hub cache.
@@ -13,7 +14,7 @@ Safety rules, in the order a run meets them:
 1. ``download_file`` streams to ``NAME.part``, resumes it with an HTTP Range request, retries
    transient failures with exponential back-off, checks the MD5 (or size / sanity where the MD5 is
    unknown) and only then renames the file into place. A file in place is therefore always verified.
-2. ``extract_7z`` lists the archive first and refuses absolute paths, ``..`` components and links
+2. ``extract_7z`` (archive.py) lists the archive first and refuses absolute paths, ``..`` components and links
    before writing a byte; it checks the free disk space against the uncompressed size.
 3. A split is unpacked into ``ROOT/.SPLIT.extracting/`` and renamed to ``ROOT/SPLIT/`` only once
    every ``file_name`` of its captions CSV is on disk, with a manifest inside. A failed or interrupted
@@ -25,7 +26,6 @@ Safety rules, in the order a run meets them:
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import json
 import os
@@ -38,64 +38,33 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.client import HTTPException
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from urllib.parse import quote, urlsplit
+from pathlib import Path
+from urllib.parse import urlsplit
 
-from py7zr.callbacks import ExtractCallback
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import Progress, TaskID
 
 from clotho_retrieve import __version__
-from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text, err_console, md5sum
+from clotho_retrieve.archive import extract_7z
+from clotho_retrieve.datasets import clotho
+from clotho_retrieve.remote import RemoteFile
+from clotho_retrieve.utils import (
+    ClothoRetrieveError,
+    atomic_write_text,
+    disk_full,
+    err_console,
+    make_progress,
+    md5sum,
+    one_line,
+    progress_or,
+    require_free,
+)
 
-SPLITS = ("development", "validation", "evaluation")
-CLOTHO_RECORD_URL = "https://zenodo.org/record/4783391/files/"
 PANNS_RECORD_URL = "https://zenodo.org/record/3987831/files/"
 MANIFEST_NAME = ".clotho_retrieve_complete.json"  # written inside ROOT/SPLIT/ once the split is complete
 USER_AGENT = f"clotho-retrieve/{__version__} (+python urllib)"
 CHUNK_BYTES = 1 << 20
-DISK_MARGIN_BYTES = 64 << 20  # keep this much free beyond what a download / extraction needs
 TRANSIENT_HTTP_CODES = {408, 425, 429, 500, 502, 503, 504}
 
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a Zenodo record: its name on disk, MD5 and size in bytes (None where unknown)."""
-
-    name: str
-    md5: str | None
-    size: int | None = None
-    base_url: str = CLOTHO_RECORD_URL
-
-    def url(self, mirror: str | None = None) -> str:
-        """Zenodo's download URL, or ``MIRROR/NAME`` when a mirror base URL is given."""
-        if mirror:
-            return f"{mirror.rstrip('/')}/{quote(self.name)}"
-        return f"{self.base_url}{quote(self.name)}?download=1"
-
-
-# Clotho v2.1 (Zenodo record 4783391): every file the stage fetches, keyed by file name.
-CLOTHO_FILES: dict[str, RemoteFile] = {
-    f.name: f
-    for f in [
-        RemoteFile("clotho_audio_development.7z", "c8b05bc7acdb13895bb3c6a29608667e", 4_541_582_263),
-        RemoteFile("clotho_audio_validation.7z", "7dba730be08bada48bd15dc4e668df59", 1_260_701_425),
-        RemoteFile("clotho_audio_evaluation.7z", "4569624ccadf96223f19cb59fe4f849f"),
-        RemoteFile("clotho_captions_development.csv", "d4090b39ce9f2491908eebf4d5b09bae", 1_336_762),
-        RemoteFile("clotho_captions_validation.csv", "5879e023032b22a2c930aaa0528bead4", 367_649),
-        RemoteFile("clotho_captions_evaluation.csv", "1b16b9e57cf7bdb7f13a13802aeb57e2"),
-        RemoteFile("clotho_metadata_development.csv", "170d20935ecfdf161ce1bb154118cda5", 830_797),
-        RemoteFile("clotho_metadata_validation.csv", "2e010427c56b1ce6008b0f03f41048ce", 224_803),
-        RemoteFile("clotho_metadata_evaluation.csv", "13946f054d4e1bf48079813aac61bf77"),
-    ]
-}
 
 # Official PANNs AudioSet checkpoints (Zenodo record 3987831). Zenodo names them ``Cnn14_mAP=0.431.pth``
 # (``%3D`` in the URL). Only Cnn14's MD5 is published; Cnn10 / Cnn6 get a size and format check.
@@ -106,74 +75,6 @@ PANNS_FILES: dict[str, RemoteFile] = {
     "cnn10": RemoteFile("Cnn10_mAP=0.380.pth", None, None, PANNS_RECORD_URL),
     "cnn6": RemoteFile("Cnn6_mAP=0.343.pth", None, None, PANNS_RECORD_URL),
 }
-
-
-def audio_archive_name(split: str) -> str:
-    return f"clotho_audio_{split}.7z"
-
-
-def captions_name(split: str) -> str:
-    return f"clotho_captions_{split}.csv"
-
-
-def metadata_name(split: str) -> str:
-    return f"clotho_metadata_{split}.csv"
-
-
-# ----------------------------------------------------------------------------------------------
-# Disk space and progress
-# ----------------------------------------------------------------------------------------------
-def _free_bytes(folder: Path) -> int:
-    """Free bytes on the file system holding ``folder`` (its nearest existing ancestor)."""
-    folder = Path(folder).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def _require_free(folder: Path, needed: int, what: str) -> None:
-    """Refuse to start writing ``needed`` bytes under ``folder`` when they would not fit."""
-    free = _free_bytes(folder)
-    if needed + DISK_MARGIN_BYTES > free:
-        raise ClothoRetrieveError(
-            f"{what}: needs {_gib(needed)} but only {_gib(free)} is free on the disk holding {folder}; "
-            "free some space (or choose another --root) and re-run"
-        )
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as ``Type: message`` on one line (library messages may span several)."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
-def _disk_full(path: Path, what: str) -> ClothoRetrieveError:
-    return ClothoRetrieveError(f"{path}: the disk is full while {what}; free some space and re-run to resume")
-
-
-def make_progress() -> Progress:
-    """A Rich progress bar for byte transfers (bytes, speed, ETA) on stderr."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
-
-
-@contextlib.contextmanager
-def _progress_or(progress: Progress | None):
-    """Use the caller's progress display, or open (and close) one of our own."""
-    if progress is not None:
-        yield progress
-        return
-    with make_progress() as own:
-        yield own
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +127,7 @@ def download_file(
     part = dest.with_name(dest.name + ".part")
     host = urlsplit(url).netloc or url
     may_restart = True  # one fresh download allowed when a resumed .part turns out wrong
-    with _progress_or(progress) as bar:
+    with progress_or(progress) as bar:
         task = bar.add_task(dest.name, total=size)
         while True:
             resumed = _fetch_to_part(url, part, size, retries, backoff, timeout, bar, task, host, dest)
@@ -313,10 +214,10 @@ def _fetch_to_part(
                 ) from None
         except (urllib.error.URLError, HTTPException, ConnectionError, TimeoutError, _ShortRead) as exc:
             received = getattr(exc, "received", received)
-            error = _one_line(exc)
+            error = one_line(exc)
         except OSError as exc:  # a local write problem, not a network one: retrying would not help
             if exc.errno == errno.ENOSPC:
-                raise _disk_full(part, f"downloading {dest.name}") from None
+                raise disk_full(part, f"downloading {dest.name}") from None
             raise ClothoRetrieveError(
                 f"{part}: cannot write ({exc.strerror}); check the folder and re-run"
             ) from None
@@ -358,9 +259,9 @@ def _fetch_once(
         expected = int(length) if length is not None else None
         if expected is not None:
             bar.update(task, total=offset + expected)
-            _require_free(part.parent, expected, f"downloading {dest.name}")
+            require_free(part.parent, expected, f"downloading {dest.name}")
         elif size is not None:
-            _require_free(part.parent, size - offset, f"downloading {dest.name}")
+            require_free(part.parent, size - offset, f"downloading {dest.name}")
         received = 0
         with open(part, "ab" if offset else "wb") as fh:
             try:
@@ -379,115 +280,8 @@ def _fetch_once(
 
 
 # ----------------------------------------------------------------------------------------------
-# extract_7z: refuse dangerous members, check space, unpack
+# Clotho: fetch, verify and unpack the record's files into a Clotho root
 # ----------------------------------------------------------------------------------------------
-def _unsafe_reason(name: str, dest: Path) -> str | None:
-    """Why an archive member name would land outside ``dest`` (None when it is safe)."""
-    if not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
-        return "an absolute path"
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if ".." in parts:
-        return "a '..' component"
-    target = (dest / Path(*parts)).resolve() if parts else dest.resolve()
-    if not target.is_relative_to(dest.resolve()):
-        return "a path outside the target folder"
-    return None
-
-
-class _ExtractProgress(ExtractCallback):
-    """py7zr callback (called from its reporter thread) that advances a Rich task per extracted member."""
-
-    def __init__(self, bar: Progress, task: TaskID) -> None:
-        self.bar, self.task = bar, task
-
-    def report_start_preparation(self) -> None: ...
-    def report_start(self, processing_file_path, processing_bytes) -> None: ...
-    def report_update(self, decompressed_bytes) -> None: ...
-    def report_warning(self, message) -> None: ...
-    def report_postprocess(self) -> None: ...
-
-    def report_end(self, processing_file_path, wrote_bytes) -> None:
-        # py7zr does not join this thread before extractall returns: the task may already be gone.
-        with contextlib.suppress(KeyError):
-            self.bar.advance(self.task, int(wrote_bytes))
-
-
-def extract_7z(archive: str | os.PathLike, dest: str | os.PathLike, progress: Progress | None = None) -> Path:
-    """Unpack the 7z ``archive`` into the new folder ``dest``; return ``dest``.
-
-    Every member is checked before anything is written: absolute paths, ``..`` components, links and
-    special files are refused. The uncompressed size must fit on the disk. On any failure ``dest`` is
-    removed again, so a half-extracted folder never survives.
-    """
-    import py7zr
-
-    archive, dest = Path(archive), Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise ClothoRetrieveError(f"{dest}: already exists and is not empty; move it away and re-run")
-    try:
-        with py7zr.SevenZipFile(archive, mode="r") as sz:
-            members = sz.list()
-            for m in members:
-                reason = _unsafe_reason(m.filename, dest)
-                if reason is None and (m.is_symlink or not (m.is_file or m.is_directory)):
-                    reason = "a link or special file"
-                if reason is not None:
-                    raise ClothoRetrieveError(
-                        f"{archive}: refusing to extract member {m.filename!r} ({reason}); the archive is "
-                        "not safe to unpack: delete it and download it again from a trusted source"
-                    )
-            total = sum(m.uncompressed or 0 for m in members if m.is_file)
-            _require_free(dest.parent, total, f"extracting {archive.name}")
-            dest.mkdir(parents=True, exist_ok=True)
-            with _progress_or(progress) as bar:
-                task = bar.add_task(f"extract {archive.name}", total=total)
-                sz.extractall(path=dest, callback=_ExtractProgress(bar, task))
-                bar.remove_task(task)
-    except ClothoRetrieveError:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    except OSError as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise _disk_full(dest, f"extracting {archive.name}") from None
-        if isinstance(exc, FileNotFoundError) and not archive.exists():
-            raise ClothoRetrieveError(f"{archive}: no such archive") from None
-        raise ClothoRetrieveError(
-            f"{archive}: cannot extract ({_one_line(exc)}); delete it and re-run"
-        ) from None
-    except Exception as exc:  # py7zr reports damaged data with many types (Bad7zFile, CrcError, LZMAError...)
-        shutil.rmtree(dest, ignore_errors=True)
-        raise ClothoRetrieveError(
-            f"{archive}: corrupt or unreadable 7z archive ({_one_line(exc)}); delete it and "
-            "re-run to download it again, or use --mirror"
-        ) from None
-    except BaseException:  # Ctrl-C: no half-extracted folder either
-        shutil.rmtree(dest, ignore_errors=True)
-        raise
-    return dest
-
-
-# ----------------------------------------------------------------------------------------------
-# Clotho
-# ----------------------------------------------------------------------------------------------
-def clip_names(captions_csv: str | os.PathLike) -> list[str]:
-    """The ``file_name`` column of a Clotho captions CSV (UTF-8)."""
-    path = Path(captions_csv)
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or "file_name" not in reader.fieldnames:
-                raise ClothoRetrieveError(f"{path}: no 'file_name' column; is this a Clotho captions CSV?")
-            names = [row["file_name"] for row in reader if row.get("file_name")]
-    except UnicodeDecodeError as exc:
-        raise ClothoRetrieveError(
-            f"{path}: not UTF-8 ({exc.reason}); is this a Clotho captions CSV?"
-        ) from None
-    if not names:
-        raise ClothoRetrieveError(f"{path}: lists no clips; delete it and re-run")
-    return names
-
-
 def missing_clips(folder: Path, names: Sequence[str]) -> list[str]:
     """Names from ``names`` with no file in ``folder`` (compared in Unicode NFC, as file systems differ)."""
     if not folder.is_dir():
@@ -516,9 +310,10 @@ def _resolve_splits(splits: str | Sequence[str]) -> list[str]:
     items = [splits] if isinstance(splits, str) else list(splits)
     out: list[str] = []
     for s in items:
-        for name in SPLITS if s == "all" else [s]:
-            if name not in SPLITS:
-                raise ClothoRetrieveError(f"unknown split {s!r}; choose one of {', '.join(SPLITS)} or all")
+        for name in clotho.SPLITS if s == "all" else [s]:
+            if name not in clotho.SPLITS:
+                choices = ", ".join(clotho.SPLITS)
+                raise ClothoRetrieveError(f"unknown split {s!r}; choose one of {choices} or all")
             if name not in out:
                 out.append(name)
     return out
@@ -547,18 +342,18 @@ def download_clotho(
     """Make ``root`` a complete, verified Clotho v2.1 tree for ``splits``; return what was done.
 
     Layout: ``ROOT/clotho_{captions,metadata}_SPLIT.csv`` and ``ROOT/SPLIT/*.wav`` (flat, as in the
-    archives), plus ``ROOT/SPLIT/.clotho_retrieve_complete.json``. ``table`` replaces ``CLOTHO_FILES``
+    archives), plus ``ROOT/SPLIT/.clotho_retrieve_complete.json``. ``table`` replaces ``clotho.CLOTHO_FILES``
     (tests inject their own checksums); ``mirror`` replaces Zenodo's base URL.
     """
     root = Path(root)
-    table = CLOTHO_FILES if table is None else table
+    table = clotho.CLOTHO_FILES if table is None else table
     report = DownloadReport(root=root)
     with make_progress() as bar:
         fetch = dict(mirror=mirror, retries=retries, backoff=backoff, progress=bar)
         for split in _resolve_splits(splits):
-            captions = _fetch_entry(_entry(table, captions_name(split)), root, **fetch)
-            metadata = _fetch_entry(_entry(table, metadata_name(split)), root, **fetch)
-            names = clip_names(captions)
+            captions = _fetch_entry(_entry(table, clotho.captions_name(split)), root, **fetch)
+            metadata = _fetch_entry(_entry(table, clotho.metadata_name(split)), root, **fetch)
+            names = clotho.clip_names(captions)
             md5s = {captions.name: table[captions.name].md5, metadata.name: table[metadata.name].md5}
             folder = root / split
             if folder.exists():
@@ -572,7 +367,7 @@ def download_clotho(
                     _write_manifest(folder, split, len(names), md5s)
                 report.splits.append(SplitReport(split, len(names), "in place", folder))
                 continue
-            entry = _entry(table, audio_archive_name(split))
+            entry = _entry(table, clotho.audio_archive_name(split))
             had_archive = (root / entry.name).is_file()
             archive = _fetch_entry(entry, root, **fetch)
             _extract_split(archive, root, split, names, {**md5s, entry.name: entry.md5}, bar)
@@ -607,8 +402,9 @@ def _extract_split(
         )
         missing = missing_clips(inner, names)
         if missing:
+            csv_name = clotho.captions_name(split)
             raise ClothoRetrieveError(
-                f"{archive}: lacks {len(missing)} of {len(names)} clips listed in {captions_name(split)} "
+                f"{archive}: lacks {len(missing)} of {len(names)} clips listed in {csv_name} "
                 f"(e.g. {missing[0]!r}); the archive does not match the captions: delete it and re-run"
             )
         _write_manifest(inner, split, len(names), md5s)
@@ -703,6 +499,6 @@ def download_text_model(name: str, cache_dir: str | os.PathLike | None = None) -
         return Path(snapshot_download(name, cache_dir=cache_dir, ignore_patterns=ignore))
     except (OSError, ValueError) as exc:
         raise ClothoRetrieveError(
-            f"text model {name!r}: could not fetch it ({_one_line(exc)}); check the name and "
+            f"text model {name!r}: could not fetch it ({one_line(exc)}); check the name and "
             "the connection (HF_HUB_OFFLINE must be unset), or pass a local folder"
         ) from None

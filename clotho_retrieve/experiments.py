@@ -221,7 +221,7 @@ def run_table(
     only changes ``model_cfg.attention`` and ``train_cfg.loss`` and trains into ``out/<variant>/``.
     Returns (text-to-audio metrics per variant as fractions, table.md path, table.csv path).
     """
-    from clotho_retrieve.features import FeatureFile, features_path
+    from clotho_retrieve.feature_file import FeatureFile, features_path
     from clotho_retrieve.plots import plot_training_curves
     from clotho_retrieve.train import evaluate, train
 

@@ -732,7 +732,8 @@ def embed(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from clotho_retrieve.features import FeatureFile, FrontEnd
+    from clotho_retrieve.feature_file import FeatureFile
+    from clotho_retrieve.frontend import FrontEnd
     from clotho_retrieve.models import RetrievalModel
 
     cfg = cfg or EmbedConfig()

@@ -248,7 +248,7 @@ def explain(
         )
     import torch
 
-    from clotho_retrieve.features import FeatureFile, features_path
+    from clotho_retrieve.feature_file import FeatureFile, features_path
     from clotho_retrieve.models import RetrievalModel
 
     h5 = features_path(features, split) if features.is_dir() else features

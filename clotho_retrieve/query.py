@@ -117,7 +117,7 @@ def encode_audio_files(model, paths: list[str | os.PathLike], front_end: dict) -
     """Recordings -> log-Mel with the index's front end -> (Q, D) unit-norm audio embeddings."""
     import torch
 
-    from clotho_retrieve.features import FrontEnd, file_log_mel
+    from clotho_retrieve.frontend import FrontEnd, file_log_mel
 
     fe = FrontEnd.from_dict(front_end)
     out = []

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 
 from clotho_retrieve import __version__
 from clotho_retrieve.data import CAPTION_MODES, PairDataset, PairSampler, SpecAugment, make_loader, pad_batch
-from clotho_retrieve.features import PRESETS, FeatureFile, FrontEnd, features_path
+from clotho_retrieve.feature_file import FeatureFile, features_path
+from clotho_retrieve.frontend import PRESETS, FrontEnd
 from clotho_retrieve.utils import (
     ClothoRetrieveError,
     atomic_path,

@@ -1,4 +1,5 @@
-"""Small shared pieces: the user-facing error, atomic writes, consoles, hashing, devices."""
+"""Small shared pieces: the user-facing error, atomic writes, consoles, hashing, devices, disk space,
+byte-transfer progress bars."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 # Tables and results go to stdout; progress bars, logs and errors go to stderr,
 # so `clotho-retrieve query ... --json > out.json` stays machine-readable.
@@ -78,3 +84,72 @@ def resolve_device(device: str = "auto") -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk space and byte-transfer progress (downloads and archive extraction)
+# ----------------------------------------------------------------------------------------------
+DISK_MARGIN_BYTES = 64 << 20  # keep this much free beyond what a download / extraction needs
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system holding ``folder`` (its nearest existing ancestor)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def require_free(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start writing ``needed`` bytes under ``folder`` when they would not fit."""
+    free = free_bytes(folder)
+    if needed + DISK_MARGIN_BYTES > free:
+        raise ClothoRetrieveError(
+            f"{what}: needs {_gib(needed)} but only {_gib(free)} is free on the disk holding {folder}; "
+            "free some space (or choose another --root) and re-run"
+        )
+
+
+def disk_full(path: Path, what: str) -> ClothoRetrieveError:
+    """The error for ENOSPC while ``what`` (a download or an extraction) wrote under ``path``."""
+    return ClothoRetrieveError(f"{path}: the disk is full while {what}; free some space and re-run to resume")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line (library messages may span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def make_progress() -> Progress:
+    """A Rich progress bar for byte transfers (bytes, speed, ETA) on stderr."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+
+
+@contextlib.contextmanager
+def progress_or(progress: Progress | None) -> Iterator[Progress]:
+    """Use the caller's progress display (a rich Progress), or open (and close) one of our own."""
+    if progress is not None:
+        yield progress
+        return
+    with make_progress() as own:
+        yield own

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clotho_retrieve.data import PairDataset, PairSampler, SpecAugment, collate_pairs, make_loader, pad_batch
-from clotho_retrieve.features import FeatureFile, FrontEnd, write_feature_file
+from clotho_retrieve.feature_file import FeatureFile, write_feature_file
+from clotho_retrieve.frontend import FrontEnd
 
 
 def _write(path, n_clips, n_captions, seed, frames=(5, 9)) -> FeatureFile:

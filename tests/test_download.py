@@ -1,4 +1,5 @@
-"""download.py against a loopback HTTP server that serves small archives and CSVs made here.
+"""download.py and archive.py against a loopback HTTP server,
+which serves small archives and CSVs made here.
 
 The server (127.0.0.1, port chosen by the OS) logs every request, can drop a connection halfway or
 serve wrong bytes, and shuts itself down after a minute at the latest. No test touches the internet.
@@ -25,17 +26,18 @@ import py7zr
 import pytest
 from typer.testing import CliRunner
 
-from clotho_retrieve import download
+from clotho_retrieve import download, utils
+from clotho_retrieve.archive import extract_7z
 from clotho_retrieve.cli import app
+from clotho_retrieve.datasets import clotho
 from clotho_retrieve.download import (
     MANIFEST_NAME,
-    RemoteFile,
     download_clotho,
     download_file,
-    extract_7z,
     missing_clips,
     panns_checkpoint_path,
 )
+from clotho_retrieve.remote import RemoteFile
 from clotho_retrieve.utils import ClothoRetrieveError
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ def test_retries_transient_failures_then_gives_up(tmp_path):
 
 
 def test_full_disk_is_refused_before_downloading(tmp_path, monkeypatch):
-    monkeypatch.setattr(download, "_free_bytes", lambda folder: 1000)
+    monkeypatch.setattr(utils, "free_bytes", lambda folder: 1000)
     with FakeZenodo({"big.bin": b"x" * 5000}) as srv:
         with pytest.raises(ClothoRetrieveError, match=r"downloading big\.bin: needs .* free some space"):
             download_file(srv.url + "big.bin", tmp_path / "big.bin")
@@ -310,11 +312,11 @@ def test_extract_corrupt_archive_leaves_nothing(tmp_path):
 def test_extract_checks_free_space_first(tmp_path, monkeypatch):
     archive = tmp_path / "a.7z"
     archive.write_bytes(_7z({"d/a.wav": b"\0" * 100_000}))  # compresses to a few hundred bytes
-    monkeypatch.setattr(download, "_free_bytes", lambda folder: download.DISK_MARGIN_BYTES + 50_000)
+    monkeypatch.setattr(utils, "free_bytes", lambda folder: utils.DISK_MARGIN_BYTES + 50_000)
     with pytest.raises(ClothoRetrieveError, match=r"extracting a\.7z: needs 0\.00 GiB but only"):
         extract_7z(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(download, "_free_bytes", lambda folder: download.DISK_MARGIN_BYTES + 100_000)
+    monkeypatch.setattr(utils, "free_bytes", lambda folder: utils.DISK_MARGIN_BYTES + 100_000)
     assert (extract_7z(archive, tmp_path / "out") / "d" / "a.wav").read_bytes() == b"\0" * 100_000
 
 
@@ -484,7 +486,7 @@ def test_cli_wrong_bytes_one_line_no_traceback_no_split(tmp_path):
 
 def test_cli_complete_then_nothing_to_do(tmp_path, monkeypatch):
     files = clotho_files(["development", "validation"])
-    monkeypatch.setattr(download, "CLOTHO_FILES", table_for(files))
+    monkeypatch.setattr(clotho, "CLOTHO_FILES", table_for(files))
     root = tmp_path / "R"
     args = ["download", "--root", str(root), "--split", "validation"]
     runner = CliRunner()

@@ -159,7 +159,8 @@ class FakeTrainer:
 
 @pytest.fixture()
 def tiny_features(tmp_path) -> Path:
-    from clotho_retrieve.features import PRESETS, write_feature_file
+    from clotho_retrieve.feature_file import write_feature_file
+    from clotho_retrieve.frontend import PRESETS
 
     folder = tmp_path / "features"
     rng = np.random.default_rng(0)
@@ -242,7 +243,8 @@ def test_table_command_trains_and_explains_for_real(tmp_path, minilm_path):
     from typer.testing import CliRunner
 
     from clotho_retrieve.cli import app
-    from clotho_retrieve.features import PRESETS, write_feature_file
+    from clotho_retrieve.feature_file import write_feature_file
+    from clotho_retrieve.frontend import PRESETS
     from clotho_retrieve.plots import DPI, EXPLAIN_SIZE
 
     rng = np.random.default_rng(0)

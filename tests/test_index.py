@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from clotho_retrieve.features import FrontEnd, write_feature_file
+from clotho_retrieve.feature_file import write_feature_file
+from clotho_retrieve.frontend import FrontEnd
 from clotho_retrieve.index import (
     AnnConfig,
     EmbedConfig,

@@ -13,7 +13,8 @@ from test_index import brute_force, make_run, other_run
 from typer.testing import CliRunner
 
 from clotho_retrieve.cli import app
-from clotho_retrieve.features import FrontEnd, file_log_mel, write_feature_file
+from clotho_retrieve.feature_file import write_feature_file
+from clotho_retrieve.frontend import FrontEnd, file_log_mel
 from clotho_retrieve.index import EmbedConfig, EmbeddingIndex, embed
 from clotho_retrieve.models import RetrievalModel
 from clotho_retrieve.query import query_text

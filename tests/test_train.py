@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from clotho_retrieve.cli import app
-from clotho_retrieve.features import FeatureFile, FrontEnd, write_feature_file
+from clotho_retrieve.feature_file import FeatureFile, write_feature_file
+from clotho_retrieve.frontend import FrontEnd
 from clotho_retrieve.models import ModelConfig
 from clotho_retrieve.train import (
     TrainConfig,

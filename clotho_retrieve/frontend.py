@@ -1,0 +1,268 @@
+"""The log-Mel front end: its parameters (``FrontEnd``, presets), the transform, decoding files into it.
+
+The paper (Sec. III-A) feeds CNN14 with 64-band log-Mel spectrograms of whole Clotho clips at 44.1 kHz,
+Hamming window, 50 % overlap. ``FrontEnd`` holds every parameter of that computation; it is stored as
+attributes of each features file (feature_file.py) so that training can refuse features that do not match
+the model.
+
+``log_mel`` turns a mono waveform at any rate into (T, n_mels) frames: resampled to the front end's rate
+(audio.resample, libsoxr), padded like ``torch.stft`` / librosa (``center``, ``pad_mode``), a power Mel
+spectrogram (torchaudio), then 10*log10(max(x, amin)) without top_db, as PANNs does. ``StreamingLogMel``
+computes the same frames from a signal given in blocks, in bounded memory; ``decode_log_mel`` decodes a
+file (audio.open_audio) and uses one or the other depending on its length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from clotho_retrieve.audio import StreamResampler, open_audio, resample
+from clotho_retrieve.utils import ClothoRetrieveError
+
+STREAM_ABOVE = 1 << 22  # frames; longer files (about 95 s at 44.1 kHz) are decoded in blocks
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """Every parameter of the log-Mel computation (each one is stored as an HDF5 attribute)."""
+
+    sample_rate: int = 44100
+    n_fft: int = 1024
+    win_length: int = 1024
+    hop_length: int = 512
+    window: str = "hamming"  # periodic window; "hamming" | "hann"
+    n_mels: int = 64
+    f_min: float = 50.0
+    f_max: float = 14000.0
+    power: float = 2.0
+    mel_scale: str = "slaney"
+    mel_norm: str | None = "slaney"
+    center: bool = True
+    pad_mode: str = "reflect"
+    amin: float = 1e-10  # 10*log10(max(x, amin)), no top_db
+
+    def __post_init__(self) -> None:
+        if self.window not in ("hamming", "hann"):
+            raise ClothoRetrieveError(f"front end: window must be 'hamming' or 'hann', not {self.window!r}")
+        if self.win_length > self.n_fft:
+            raise ClothoRetrieveError(f"front end: win_length {self.win_length} exceeds n_fft {self.n_fft}")
+        if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
+            raise ClothoRetrieveError(
+                f"front end: need 0 <= f_min < f_max <= sample_rate / 2, got f_min {self.f_min}, "
+                f"f_max {self.f_max}, sample_rate {self.sample_rate}"
+            )
+        if self.hop_length <= 0 or self.n_mels <= 0:
+            raise ClothoRetrieveError("front end: hop_length and n_mels must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FrontEnd:
+        """Build from a dict (JSON or HDF5 attributes); unknown keys are ignored, "none" means None."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key not in known:
+                continue
+            if isinstance(value, bytes):
+                value = value.decode()
+            if isinstance(value, np.generic):
+                value = value.item()
+            if key == "mel_norm" and value in ("none", "", None):
+                value = None
+            elif key in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels"):
+                value = int(value)
+            elif key in ("f_min", "f_max", "power", "amin"):
+                value = float(value)
+            elif key == "center":
+                value = bool(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def differences(self, other: FrontEnd) -> list[str]:
+        """Human-readable ``field: mine != other`` lines; empty when both compute the same features."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest signal (at ``sample_rate``) that yields one full frame."""
+        if self.center:  # reflect padding needs more than n_fft // 2 samples
+            return max(self.win_length, self.n_fft // 2 + 1)
+        return self.n_fft
+
+    def n_frames(self, n_samples: int) -> int:
+        """Frames of a signal of ``n_samples`` at ``sample_rate`` (torch.stft's count)."""
+        if self.center:
+            return 1 + n_samples // self.hop_length
+        return 1 + (n_samples - self.n_fft) // self.hop_length
+
+
+PRESETS: dict[str, FrontEnd] = {
+    # Sec. III-A of the paper: 44.1 kHz, Hamming, 1024-sample window, 50 % overlap, 64 Mel bands.
+    "paper": FrontEnd(),
+    # The front end CNN14 was pretrained with (PANNs' torchlibrosa: 32 kHz, Hann, hop 320).
+    "panns": FrontEnd(sample_rate=32000, window="hann", hop_length=320),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The transform
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _mel_transform(front_end: FrontEnd):
+    """torchaudio MelSpectrogram over already padded frames (center=False: the padding is log_mel's)."""
+    import torch
+    import torchaudio
+
+    window_fn = torch.hamming_window if front_end.window == "hamming" else torch.hann_window
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=front_end.sample_rate,
+        n_fft=front_end.n_fft,
+        win_length=front_end.win_length,
+        hop_length=front_end.hop_length,
+        f_min=front_end.f_min,
+        f_max=front_end.f_max,
+        n_mels=front_end.n_mels,
+        window_fn=window_fn,  # torch windows are periodic by default, like librosa's fftbins=True
+        power=front_end.power,
+        center=False,
+        norm=front_end.mel_norm,
+        mel_scale=front_end.mel_scale,
+    )
+
+
+def _frames_to_logmel(padded: np.ndarray, front_end: FrontEnd) -> np.ndarray:
+    """Padded signal -> (T, n_mels) float32 log-Mel, T = 1 + (len - n_fft) // hop."""
+    import torch
+
+    with torch.no_grad():
+        mel = _mel_transform(front_end)(torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32)))
+        logmel = 10.0 * torch.log10(torch.clamp(mel, min=front_end.amin))  # (n_mels, T)
+    return logmel.T.contiguous().numpy()
+
+
+def _too_short(seconds: float, front_end: FrontEnd) -> ClothoRetrieveError:
+    return ClothoRetrieveError(
+        f"audio is {seconds:.4f} s long, shorter than one window "
+        f"({front_end.min_samples} samples at {front_end.sample_rate} Hz)"
+    )
+
+
+def log_mel(waveform: np.ndarray, sample_rate: int, front_end: FrontEnd) -> np.ndarray:
+    """Mono float waveform at any rate -> (T, n_mels) float32 log-Mel at ``front_end.sample_rate``.
+
+    Resamples (audio.resample), pads like torch.stft / librosa (``center``, ``pad_mode``), then power Mel
+    spectrogram and 10*log10(max(x, amin)) without top_db, as PANNs does.
+    Raises ClothoRetrieveError for non-1-D, non-finite or too short input.
+    """
+    waveform = np.asarray(waveform)
+    if waveform.ndim != 1:
+        raise ClothoRetrieveError(f"log_mel expects a mono 1-D waveform, got shape {waveform.shape}")
+    if not np.all(np.isfinite(waveform)):
+        raise ClothoRetrieveError("audio contains NaN or infinite samples")
+    x = resample(waveform.astype(np.float32, copy=False), int(sample_rate), front_end.sample_rate)
+    if len(x) < front_end.min_samples:
+        raise _too_short(len(x) / front_end.sample_rate, front_end)
+    half = front_end.n_fft // 2
+    if front_end.center:
+        x = np.pad(x, (half, half), mode=front_end.pad_mode)
+    return _frames_to_logmel(x, front_end)
+
+
+class StreamingLogMel:
+    """log_mel over a signal given in consecutive blocks, in bounded memory, with the same frames.
+
+    Two streaming stages: (1) resampling (audio.StreamResampler, the same samples as resampling the whole
+    signal); (2) framing, which keeps the samples of the next unfinished frame and pads the two ends
+    exactly as log_mel does. push() each block, then finish() once for the (T, n_mels) frames.
+    """
+
+    def __init__(self, sample_rate: int, front_end: FrontEnd):
+        self.fe = front_end
+        self.sr = sample_rate
+        self.resampler = StreamResampler(sample_rate, front_end.sample_rate)
+        self.n_in = 0  # input samples pushed
+        self.n_out = 0  # resampled samples produced
+        self.y = np.zeros(0, np.float32)  # framing buffer: padded-signal samples not yet framed
+        self.head = np.zeros(0, np.float32)  # first samples, until the reflect prefix can be made
+        self.tail = np.zeros(0, np.float32)  # last n_fft // 2 + 1 resampled samples, for the suffix
+        self.started = not front_end.center
+        self.frames: list[np.ndarray] = []
+
+    def push(self, block: np.ndarray) -> None:
+        self.n_in += len(block)
+        self._emit(self.resampler.push(block))
+
+    def _emit(self, y: np.ndarray) -> None:
+        """Take resampled samples: pad the start once (reflect prefix), frame what is complete."""
+        self.n_out += len(y)
+        half = self.fe.n_fft // 2
+        self.tail = np.concatenate([self.tail, y])[-(half + 1) :]
+        if not self.started:
+            self.head = np.concatenate([self.head, y])
+            if len(self.head) <= half:
+                return
+            y = np.concatenate([self.head[half:0:-1], self.head])  # reflect prefix (np.pad 'reflect')
+            self.head, self.started = np.zeros(0, np.float32), True
+        self.y = np.concatenate([self.y, y])
+        self._frame_ready()
+
+    def _frame_ready(self) -> None:
+        hop, n_fft = self.fe.hop_length, self.fe.n_fft
+        n = (len(self.y) - n_fft) // hop + 1 if len(self.y) >= n_fft else 0
+        if n > 0:
+            self.frames.append(_frames_to_logmel(self.y[: (n - 1) * hop + n_fft], self.fe))
+            self.y = self.y[n * hop :]
+
+    def finish(self) -> np.ndarray:
+        self._emit(self.resampler.finish())
+        if self.n_out < self.fe.min_samples:
+            raise _too_short(self.n_in / self.sr, self.fe)
+        if self.fe.center:
+            half = self.fe.n_fft // 2
+            self.y = np.concatenate([self.y, self.tail[-2 : -half - 2 : -1]])  # reflect suffix
+            self._frame_ready()
+        mel = np.concatenate(self.frames) if self.frames else np.zeros((0, self.fe.n_mels), np.float32)
+        assert len(mel) == self.fe.n_frames(self.n_out), (len(mel), self.n_out)
+        return mel
+
+
+# ----------------------------------------------------------------------------------------------
+# Audio files
+# ----------------------------------------------------------------------------------------------
+def decode_log_mel(
+    path: str | os.PathLike, front_end: FrontEnd, stream_above: int = STREAM_ABOVE, block: int = 1 << 18
+) -> tuple[np.ndarray, float]:
+    """Decode an audio file (audio.open_audio), mix to mono, return ((T, n_mels) log-Mel, duration in s).
+
+    Files longer than ``stream_above`` frames are decoded and transformed block by block in bounded
+    memory (same frames as the whole-file path). Problems raise ClothoRetrieveError with the reason only
+    (file_log_mel adds the file name).
+    """
+    with open_audio(path) as audio:
+        if audio.frames <= stream_above:
+            mel = log_mel(audio.read_all(), audio.sample_rate, front_end)
+        else:
+            stream = StreamingLogMel(audio.sample_rate, front_end)
+            for b in audio.blocks(block):
+                stream.push(b)
+            audio.check_complete()
+            mel = stream.finish()
+    if not np.all(np.isfinite(mel)):  # cannot happen after the checks above; never store NaN
+        raise ClothoRetrieveError("non-finite features")
+    return mel, audio.duration
+
+
+def file_log_mel(path: str | os.PathLike, front_end: FrontEnd) -> tuple[np.ndarray, float]:
+    """decode_log_mel with the file name in every error message (for one-off files, e.g. query by example)."""
+    try:
+        return decode_log_mel(path, front_end)
+    except ClothoRetrieveError as exc:
+        raise ClothoRetrieveError(f"{path}: {exc}") from None
