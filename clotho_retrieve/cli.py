@@ -370,7 +370,7 @@ def evaluate_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
-# embed / index / query  (owned by clotho_retrieve/index.py and clotho_retrieve/query.py)
+# embed / index / query  (owned by clotho_retrieve/embed.py, index/ and query.py)
 # ----------------------------------------------------------------------------------------------
 @command("embed")
 def embed_cmd(
@@ -403,7 +403,7 @@ def embed_cmd(
 
     Example: clotho-retrieve embed --checkpoint runs/demo --features demo/features --out demo/index
     """
-    from clotho_retrieve.index import EmbedConfig, embed
+    from clotho_retrieve.embed import EmbedConfig, embed
     from clotho_retrieve.utils import console, resolve_device
 
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))

@@ -58,8 +58,8 @@ def _train(ws: Workspace, minilm: str, run: Path, epochs: int, stop_after: int |
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, minilm_path):
     """A workspace after demo-data, features, a finished gat run, a killed gat run and an embed."""
+    from clotho_retrieve.embed import EmbedConfig, embed
     from clotho_retrieve.features import FeaturesConfig, compute_features
-    from clotho_retrieve.index import EmbedConfig, embed
 
     ws = Workspace(tmp_path_factory.mktemp("ws"))
     make_demo_data(ws.clotho, TINY, show_progress=False)
@@ -365,7 +365,8 @@ def test_status_shows_faiss_and_verified_clotho_splits(pipeline, tmp_path):
 
 
 def test_next_command_follows_the_pipeline(pipeline, tmp_path):
-    from clotho_retrieve.features import FrontEnd, write_feature_file
+    from clotho_retrieve.feature_file import write_feature_file
+    from clotho_retrieve.frontend import FrontEnd
 
     ws = Workspace(tmp_path)
     nxt = lambda: ws.status()["next"].replace(f" --workspace {tmp_path}", "")  # noqa: E731
