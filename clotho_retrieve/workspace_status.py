@@ -66,7 +66,8 @@ def clotho_status(root: Path) -> list[dict]:
     and every clip the CSV lists is on disk. `demo-data` writes no manifest: present, not verified.
     """
     from clotho_retrieve.audio import AUDIO_SUFFIXES
-    from clotho_retrieve.download import MANIFEST_NAME, captions_name, clip_names, missing_clips
+    from clotho_retrieve.datasets.clotho import captions_name, clip_names
+    from clotho_retrieve.download import MANIFEST_NAME, missing_clips
     from clotho_retrieve.utils import md5sum
 
     out = []

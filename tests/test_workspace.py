@@ -338,7 +338,9 @@ def test_status_reports_the_pipeline(pipeline):
 
 
 def test_status_shows_faiss_and_verified_clotho_splits(pipeline, tmp_path):
-    from clotho_retrieve.download import RemoteFile, captions_name, download_clotho, metadata_name
+    from clotho_retrieve.datasets.clotho import captions_name, metadata_name
+    from clotho_retrieve.download import download_clotho
+    from clotho_retrieve.remote import RemoteFile
     from clotho_retrieve.index import build_ann_index
     from clotho_retrieve.utils import md5sum
 
@@ -350,7 +352,7 @@ def test_status_shows_faiss_and_verified_clotho_splits(pipeline, tmp_path):
 
     # `download` adopts a complete split it finds in place (no network: its CSVs are in place, verified)
     (ws.clotho / metadata_name("validation")).write_text("file_name,keywords\n")
-    table = {name: RemoteFile(name, md5sum(ws.clotho / name))
+    table = {name: RemoteFile(name, md5sum(ws.clotho / name), base_url="http://127.0.0.1:9/")
              for name in (captions_name("validation"), metadata_name("validation"))}  # fmt: skip
     download_clotho(ws.clotho, ["validation"], table=table)
     states = {s["split"]: (s["verified"], s["state"]) for s in ws.status()["clotho"]["splits"]}
