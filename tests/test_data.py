@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clotho_retrieve.data import PairDataset, PairSampler, SpecAugment, collate_pairs, make_loader, pad_batch
+from clotho_retrieve.data import PairDataset, PairSampler, SpecAugment, collate_pairs, make_loader
+from clotho_retrieve.encoder import pad_batch
 from clotho_retrieve.features import FeatureFile, FrontEnd, write_feature_file
 
 
