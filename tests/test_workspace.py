@@ -340,8 +340,8 @@ def test_status_reports_the_pipeline(pipeline):
 def test_status_shows_faiss_and_verified_clotho_splits(pipeline, tmp_path):
     from clotho_retrieve.datasets.clotho import captions_name, metadata_name
     from clotho_retrieve.download import download_clotho
-    from clotho_retrieve.remote import RemoteFile
     from clotho_retrieve.index import build_ann_index
+    from clotho_retrieve.remote import RemoteFile
     from clotho_retrieve.utils import md5sum
 
     ws = Workspace(tmp_path)
