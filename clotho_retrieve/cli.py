@@ -63,13 +63,32 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+_workspace_root: Path | None = None  # --workspace, set by the root callback before any command runs
+
+
 @app.callback()
 def _root(
     version: bool | None = typer.Option(
         None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
+    workspace: Path | None = typer.Option(
+        None,
+        "--workspace",
+        "-w",
+        help="Workspace folder (default: $CLOTHO_RETRIEVE_WORKSPACE, else the current folder): Clotho in "
+        "data/clotho, features in data/features, runs in runs/, indexes in indexes/.",
+    ),
 ) -> None:
     """Language-based audio retrieval on Clotho."""
+    global _workspace_root
+    _workspace_root = workspace
+
+
+def _ws():
+    """The workspace every stage takes its default inputs and outputs from (see workspace.py)."""
+    from clotho_retrieve.workspace import Workspace
+
+    return Workspace(_workspace_root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,8 +96,8 @@ def _root(
 # ----------------------------------------------------------------------------------------------
 @command("download")
 def download_cmd(
-    root: Path = typer.Option(
-        Path("data/clotho"), "--root", help="Clotho folder: ROOT/SPLIT/*.wav and the CSVs."
+    root: Path | None = typer.Option(
+        None, "--root", help="Clotho folder: ROOT/SPLIT/*.wav and the CSVs. Default: data/clotho."
     ),
     split: str | None = typer.Option(
         None,
@@ -117,6 +136,7 @@ def download_cmd(
     from clotho_retrieve.utils import console
 
     if split is not None or not (weights or text_model):
+        root = root or _ws().clotho
         report = download_clotho(
             root, split or "all", mirror=mirror, keep_archives=keep_archives, retries=retries
         )
@@ -139,7 +159,9 @@ def download_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("demo-data")
 def demo_data_cmd(
-    out: Path = typer.Option(..., "--out", help="Folder to write (Clotho v2.1 layout: splits + CSVs)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder to write (Clotho v2.1 layout: splits + CSVs). Default: data/clotho."
+    ),
     n_development: int = typer.Option(250, help="Clips in the development split."),
     n_validation: int = typer.Option(50, help="Clips in the validation split."),
     n_evaluation: int = typer.Option(100, help="Clips in the evaluation split."),
@@ -148,11 +170,12 @@ def demo_data_cmd(
 ) -> None:
     """Write the synthetic demo dataset in Clotho's on-disk layout.
 
-    Example: clotho-retrieve demo-data --out demo/data
+    Example: clotho-retrieve demo-data   (then: features, train, embed, query)
     """
     from clotho_retrieve.demo import DemoConfig, make_demo_data
     from clotho_retrieve.utils import console
 
+    out = out or _ws().clotho
     sizes = make_demo_data(out, DemoConfig(n_development, n_validation, n_evaluation, duration, seed))
     console.print(f"demo data: {', '.join(f'{n} {s}' for s, n in sizes.items())} clips in {out}")
 
@@ -162,8 +185,15 @@ def demo_data_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("features")
 def features_cmd(
-    out: Path = typer.Option(..., "--out", help="A folder (with --root) or a FILE.h5 (with --audio-dir)."),
-    root: Path | None = typer.Option(None, help="Clotho-layout root: split folders + clotho_captions_*.csv."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="A folder (with --root) or a FILE.h5 (with --audio-dir). Default: data/features "
+        "(data/features/DIRNAME.h5 with --audio-dir).",
+    ),
+    root: Path | None = typer.Option(
+        None, help="Clotho-layout root: split folders + clotho_captions_*.csv. Default: data/clotho."
+    ),
     audio_dir: Path | None = typer.Option(
         None, help="Any folder of audio (WAV/FLAC/OGG/MP3, searched recursively) to index your own sounds."
     ),
@@ -204,7 +234,13 @@ def features_cmd(
         if v is not None
     }
     cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict)
+    ws = _ws()
+    if root is None and audio_dir is None:
+        root = ws.clotho_root()
+    if out is None:
+        out = ws.features / f"{Path(audio_dir).resolve().name}.h5" if audio_dir else ws.features
     print_report(compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None))
+    ws.record_latest("features", out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,24 +249,47 @@ def features_cmd(
 # Every option of `train` and `table` comes from a field of ModelConfig / TrainConfig / TableConfig
 # (clotho_retrieve/config.py: its default and help, defined once); see clotho_retrieve/cli_options.py.
 @command("train")
-@config_options(train_cfg=Fields(TrainConfig, required=("out",)), model_cfg=Fields(ModelConfig))
+@config_options(train_cfg=Fields(TrainConfig), model_cfg=Fields(ModelConfig))
 def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """3. Train a retrieval model (CNN14 + attention x BERT).
 
-    Example: clotho-retrieve train --features feats --attention self --loss supcon --out runs/self
+    Example: clotho-retrieve train --attention gat   (features from data/features, run in runs/gat-ntxent)
 
     Under torchrun (torchrun --nproc_per_node N -m clotho_retrieve train ...) it runs DistributedDataParallel.
     """
     from clotho_retrieve.train import train
 
-    train(model_cfg, train_cfg)
+    ws = _ws()
+    reserved = None
+    if train_cfg.features is None and not train_cfg.resume:
+        train_cfg.features = str(ws.features_dir())
+    if train_cfg.out is None:
+        if train_cfg.resume:
+            train_cfg.out = str(ws.latest_run(finished=False))
+        else:
+            reserved = ws.new_run_dir(model_cfg.attention, train_cfg.loss)
+            train_cfg.out = str(reserved)
+    ws.record_started(train_cfg.out)
+    try:
+        run = train(model_cfg, train_cfg)
+    except ClothoRetrieveError:
+        if reserved is not None:
+            ws.release_run_dir(reserved)
+        raise
+    ws.record_latest("run", run)
 
 
 @command("evaluate")
 def evaluate_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder of `train` (or a model folder)."),
-    features: Path = typer.Option(
-        Path("features"), "--features", help="Features folder (see --split) or one HDF5 features file."
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Run folder of `train` (or a model folder). Default: the latest finished run.",
+    ),
+    features: Path | None = typer.Option(
+        None,
+        "--features",
+        help="Features folder (see --split) or one HDF5 features file. Default: data/features.",
     ),
     split: str = typer.Option("evaluation", "--split", help="Split to score when --features is a folder."),
     which: str = typer.Option("best", "--which", help="Which model of a run folder: best or last."),
@@ -243,13 +302,16 @@ def evaluate_cmd(
 ) -> None:
     """4. Score a trained run: text-to-audio and audio-to-text R@k, mAP@10.
 
-    Example: clotho-retrieve evaluate --checkpoint runs/self --features feats --split evaluation
+    Example: clotho-retrieve evaluate   (the latest finished run on data/features/evaluation.h5)
     """
     import json
 
     from clotho_retrieve.evaluate import evaluate, results_table
     from clotho_retrieve.utils import console
 
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or ws.features_file(split)
     result = evaluate(checkpoint, features, split, which, batch_size, device, submission)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
@@ -264,12 +326,22 @@ def evaluate_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("embed")
 def embed_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder from `train` (or a model folder)."),
-    features: Path = typer.Option(
-        ..., "--features", help="A features .h5 file, or a folder of them (all Clotho splits)."
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Run folder from `train` (or a model folder). Default: the latest finished run.",
     ),
-    out: Path = typer.Option(
-        ..., "--out", help="Index folder to create, resume, or bring in step with the features."
+    features: Path | None = typer.Option(
+        None,
+        "--features",
+        help="A features .h5 file, or a folder of them (all Clotho splits). Default: "
+        "data/features/evaluation.h5, or every file of data/features when it holds no Clotho split.",
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Index folder to create, resume, or bring in step with the features. Default: "
+        "indexes/RUN-NAME.",
     ),
     captions: bool = typer.Option(
         False, "--captions", help="Also embed the captions (audio-to-text queries)."
@@ -291,13 +363,18 @@ def embed_cmd(
 
     New clips are appended, clips whose features changed are re-embedded, unchanged ones kept.
 
-    Example: clotho-retrieve embed --checkpoint runs/demo --features demo/features --out demo/index
+    Example: clotho-retrieve embed   (the latest finished run, the evaluation split, into indexes/RUN)
     """
     from clotho_retrieve.embed import EmbedConfig, embed
     from clotho_retrieve.utils import console, resolve_device
 
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or ws.embed_features()
+    out = out or ws.index_dir_for(checkpoint)
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
     summary = embed(checkpoint, features, out, cfg, prune=prune)
+    ws.record_latest("index", out)
     console.print(
         f"{summary['index']}: {summary['clips']:,} clips ({summary['added']:,} added, "
         f"{summary['updated']:,} updated, {summary['removed']:,} removed, {summary['unchanged']:,} "
@@ -332,7 +409,9 @@ def index_cmd(
 @command("query")
 def query_cmd(
     text: str | None = typer.Argument(None, help='What to look for, e.g. "dog barking in rain".'),
-    index: Path = typer.Option(..., "--index", help="Index folder written by `embed`."),
+    index: Path | None = typer.Option(
+        None, "--index", help="Index folder written by `embed`. Default: the latest index."
+    ),
     top_k: int = typer.Option(10, "--top-k", "-k", min=1, help="How many results per query."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per query and line, for scripts."),
     queries: Path | None = typer.Option(
@@ -352,7 +431,7 @@ def query_cmd(
 ) -> None:
     """6. Rank the indexed audio for a text prompt (or an example recording).
 
-    Example: clotho-retrieve query "dog barking in rain" --index demo/index --top-k 5
+    Example: clotho-retrieve query "dog barking in rain"   (the latest index; --index DIR for another)
     """
     import json
 
@@ -363,6 +442,7 @@ def query_cmd(
     texts = ([text] if text is not None else []) + (read_queries_file(queries) if queries else [])
     if not texts and not audio:
         raise ClothoRetrieveError("nothing to look for: give a query text, --queries FILE or --audio FILE")
+    index = index or _ws().latest_index()
     device = resolve_device(device)
     target = "captions" if captions else "audio"
     with EmbeddingIndex(index) as idx:
@@ -402,6 +482,9 @@ def table_cmd(table_cfg: TableConfig, train_cfg: TrainConfig, model_cfg: ModelCo
     from clotho_retrieve.utils import console
 
     split = table_cfg.split
+    ws = _ws()
+    table_cfg.features = table_cfg.features or str(ws.features_dir())
+    table_cfg.out = table_cfg.out or str(ws.runs / "table")
     results, md_path, csv_path = run_table(
         table_cfg.features, table_cfg.out, model_cfg, train_cfg, table_cfg.variants, split
     )
@@ -419,11 +502,16 @@ def table_cmd(table_cfg: TableConfig, train_cfg: TrainConfig, model_cfg: ModelCo
 
 @command("explain")
 def explain_cmd(
-    checkpoint: Path = typer.Option(
-        ..., "--checkpoint", help="Run folder of `train` (attention self or gat), or a model folder."
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Run folder of `train` (attention self or gat), or a model folder. Default: the latest "
+        "finished run.",
     ),
-    features: Path = typer.Option(
-        ..., "--features", help="Features folder (see --split) or one HDF5 features file."
+    features: Path | None = typer.Option(
+        None,
+        "--features",
+        help="Features folder (see --split) or one HDF5 features file. Default: data/features.",
     ),
     clip: str = typer.Option(..., "--clip", help="Clip file name (or its stem), or its index in the file."),
     out: Path = typer.Option(Path("attention.png"), "--out", help="PNG to write."),
@@ -437,8 +525,34 @@ def explain_cmd(
     """
     from clotho_retrieve.plots import explain
 
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or ws.features_file(split)
     path = explain(checkpoint, features, clip, out, split=split, which=which, device=device)
     err_console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# status  (owned by clotho_retrieve/workspace.py)
+# ----------------------------------------------------------------------------------------------
+@command("status")
+def status_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON, for scripts."),
+) -> None:
+    """What the workspace holds (Clotho, features, runs, indexes) and the next command to run.
+
+    Example: clotho-retrieve status
+    """
+    import json
+
+    from clotho_retrieve.utils import console
+    from clotho_retrieve.workspace import status_table
+
+    st = _ws().status()
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+    else:
+        console.print(status_table(st))
 
 
 def main() -> None:
