@@ -36,15 +36,15 @@ REPORT, TABLE, LOG = "gpu_check.json", "gpu_check.txt", "gpu_check.log"
 
 def package() -> SimpleNamespace:
     """Every clotho_retrieve name this script uses, imported here and nowhere else."""
-    from clotho_retrieve import data, demo, encoder, features, index, losses, models, train
+    from clotho_retrieve import data, demo, embed, encoder, evaluate, feature_file, features, losses, models
 
     return SimpleNamespace(
         DemoConfig=demo.DemoConfig,
         make_demo_data=demo.make_demo_data,
         FeaturesConfig=features.FeaturesConfig,
         compute_features=features.compute_features,
-        FeatureFile=features.FeatureFile,
-        features_path=features.features_path,
+        FeatureFile=feature_file.FeatureFile,
+        features_path=feature_file.features_path,
         PairDataset=data.PairDataset,
         PairSampler=data.PairSampler,
         make_loader=data.make_loader,
@@ -52,9 +52,9 @@ def package() -> SimpleNamespace:
         build_loss=losses.build_loss,
         ModelConfig=models.ModelConfig,
         RetrievalModel=models.RetrievalModel,
-        evaluate=train.evaluate,
-        EmbedConfig=index.EmbedConfig,
-        embed=index.embed,
+        evaluate=evaluate.evaluate,
+        EmbedConfig=embed.EmbedConfig,
+        embed=embed.embed,
         load_model=encoder.load_model,
     )
 
