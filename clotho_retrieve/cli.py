@@ -15,6 +15,8 @@ from pathlib import Path
 import typer
 
 from clotho_retrieve import __version__
+from clotho_retrieve.cli_options import Fields, config_options
+from clotho_retrieve.config import ModelConfig, TableConfig, TrainConfig
 from clotho_retrieve.utils import ClothoRetrieveError, err_console
 
 app = typer.Typer(
@@ -206,125 +208,13 @@ def features_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
-# train / evaluate  (owned by clotho_retrieve/train.py)
+# train / evaluate  (owned by clotho_retrieve/train.py and clotho_retrieve/evaluate.py)
 # ----------------------------------------------------------------------------------------------
-# Settings shared by `train` and `table` (which trains every variant with the same ones). Each entry is
-# a typer.Option; both commands name them as defaults, and _build_configs splits the values into a
-# ModelConfig and a TrainConfig by field name.
-TRAINING_OPTIONS = {
-    "backbone": typer.Option("cnn14", "--backbone", help="cnn14 | cnn10 | cnn6 | tiny (CPU demo)."),
-    "audio_weights": typer.Option(
-        None, "--audio-weights", help="PANNs checkpoint for the backbone: .pth path or cnn14 | cnn10 | cnn6."
-    ),
-    "text_model": typer.Option(
-        "bert-base-uncased", "--text-model", help="Hugging Face BERT name or a local model folder."
-    ),
-    "text_trainable_layers": typer.Option(
-        -1, "--text-trainable-layers", help="-1: fine-tune all of BERT; 0: freeze its body; k: top k layers."
-    ),
-    "embed_dim": typer.Option(1024, "--embed-dim", help="D, the joint embedding width."),
-    "d_a": typer.Option(1024, "--d-a", help="D_A, the attention width (a linear map from the backbone's C)."),
-    "dropout": typer.Option(0.2, "--dropout", help="Dropout in the backbone and attention."),
-    "max_text_tokens": typer.Option(64, "--max-text-tokens", help="Captions are cut to this many tokens."),
-    "tau": typer.Option(0.07, "--tau", help="Temperature of the loss (Eq. 6-7)."),
-    "train_splits": typer.Option(
-        "development",
-        "--train-splits",
-        help="Comma-separated splits to train on; the paper: development,validation (with --val-split none).",
-    ),
-    "val_split": typer.Option(
-        "validation", "--val-split", help="Split selecting best/ by mAP@10 each epoch; 'none': best = last."
-    ),
-    "batch_size": typer.Option(60, "--batch-size", help="Global batch size (split across processes)."),
-    "lr": typer.Option(1e-4, "--lr", help="Adam learning rate."),
-    "weight_decay": typer.Option(0.0, "--weight-decay", help="Adam weight decay."),
-    "epochs": typer.Option(40, "--epochs", help="Training epochs."),
-    "schedule": typer.Option(
-        "cosine", "--schedule", help="Learning-rate schedule after warmup: cosine | constant."
-    ),
-    "warmup_epochs": typer.Option(1.0, "--warmup-epochs", help="Linear warmup length in epochs."),
-    "grad_clip": typer.Option(2.0, "--grad-clip", help="Max gradient L2 norm; 0 turns clipping off."),
-    "captions": typer.Option(
-        "all", "--captions", help="all: every (clip, caption) pair per epoch; random: one caption per clip."
-    ),
-    "spec_augment": typer.Option(
-        True, "--spec-augment/--no-spec-augment", help="SpecAugment masking of the training log-Mels."
-    ),
-    "freq_mask": typer.Option(8, "--freq-mask", help="SpecAugment: widest frequency mask (Mel bins)."),
-    "n_freq_masks": typer.Option(2, "--n-freq-masks", help="SpecAugment: frequency masks per clip."),
-    "time_mask": typer.Option(40, "--time-mask", help="SpecAugment: widest time mask (frames)."),
-    "n_time_masks": typer.Option(2, "--n-time-masks", help="SpecAugment: time masks per clip."),
-    "seed": typer.Option(0, "--seed", help="Random seed (initialisation, data order, augmentation)."),
-    "num_workers": typer.Option(
-        -1, "--num-workers", help="Data-loader worker processes; -1: 4 on CUDA, 0 on CPU."
-    ),
-    "amp": typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (ignored on CPU)."),
-    "device": typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
-    "eval_batch_size": typer.Option(32, "--eval-batch-size", help="Clips per batch when validating."),
-}
-T = TRAINING_OPTIONS
-
-
-def _build_configs(options: dict):
-    """The values of a command's options -> (ModelConfig, TrainConfig), matched by field name."""
-    from dataclasses import fields
-
-    from clotho_retrieve.models import ModelConfig
-    from clotho_retrieve.train import TrainConfig
-
-    values = dict(options)
-    values["features"], values["out"] = str(values["features"]), str(values["out"])
-    values["train_splits"] = tuple(s.strip() for s in values["train_splits"].split(",") if s.strip())
-    values["val_split"] = None if values["val_split"].lower() in ("", "none") else values["val_split"]
-    model_cfg = ModelConfig(**{f.name: values[f.name] for f in fields(ModelConfig) if f.name in values})
-    train_cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name in values})
-    return model_cfg, train_cfg
-
-
+# Every option of `train` and `table` comes from a field of ModelConfig / TrainConfig / TableConfig
+# (clotho_retrieve/config.py: its default and help, defined once); see clotho_retrieve/cli_options.py.
 @command("train")
-def train_cmd(
-    features: Path = typer.Option(
-        Path("features"), "--features", help="Features folder with development.h5, validation.h5, ..."
-    ),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (refused if it holds a run: --resume)."),
-    resume: bool = typer.Option(
-        False,
-        "--resume",
-        help="Continue the run in --out from its last checkpoint; its saved settings are used, except "
-        "--features, --epochs, --device, --num-workers, --eval-batch-size.",
-    ),
-    attention: str = typer.Option("self", "--attention", help="none | self (Eq. 3-4) | gat (Eq. 1-2)."),
-    loss: str = typer.Option("ntxent", "--loss", help="ntxent (Eq. 6) | supcon (Eq. 7)."),
-    backbone: str = T["backbone"],
-    audio_weights: str | None = T["audio_weights"],
-    text_model: str = T["text_model"],
-    text_trainable_layers: int = T["text_trainable_layers"],
-    embed_dim: int = T["embed_dim"],
-    d_a: int = T["d_a"],
-    dropout: float = T["dropout"],
-    max_text_tokens: int = T["max_text_tokens"],
-    tau: float = T["tau"],
-    train_splits: str = T["train_splits"],
-    val_split: str = T["val_split"],
-    batch_size: int = T["batch_size"],
-    lr: float = T["lr"],
-    weight_decay: float = T["weight_decay"],
-    epochs: int = T["epochs"],
-    schedule: str = T["schedule"],
-    warmup_epochs: float = T["warmup_epochs"],
-    grad_clip: float = T["grad_clip"],
-    captions: str = T["captions"],
-    spec_augment: bool = T["spec_augment"],
-    freq_mask: int = T["freq_mask"],
-    n_freq_masks: int = T["n_freq_masks"],
-    time_mask: int = T["time_mask"],
-    n_time_masks: int = T["n_time_masks"],
-    seed: int = T["seed"],
-    num_workers: int = T["num_workers"],
-    amp: bool = T["amp"],
-    device: str = T["device"],
-    eval_batch_size: int = T["eval_batch_size"],
-) -> None:
+@config_options(train_cfg=Fields(TrainConfig, required=("out",)), model_cfg=Fields(ModelConfig))
+def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """3. Train a retrieval model (CNN14 + attention x BERT).
 
     Example: clotho-retrieve train --features feats --attention self --loss supcon --out runs/self
@@ -333,7 +223,7 @@ def train_cmd(
     """
     from clotho_retrieve.train import train
 
-    train(*_build_configs(locals()))
+    train(model_cfg, train_cfg)
 
 
 @command("evaluate")
@@ -357,7 +247,7 @@ def evaluate_cmd(
     """
     import json
 
-    from clotho_retrieve.train import evaluate, results_table
+    from clotho_retrieve.evaluate import evaluate, results_table
     from clotho_retrieve.utils import console
 
     result = evaluate(checkpoint, features, split, which, batch_size, device, submission)
@@ -370,7 +260,7 @@ def evaluate_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
-# embed / index / query  (owned by clotho_retrieve/index.py and clotho_retrieve/query.py)
+# embed / index / query  (owned by clotho_retrieve/embed.py, index/ and query.py)
 # ----------------------------------------------------------------------------------------------
 @command("embed")
 def embed_cmd(
@@ -403,7 +293,7 @@ def embed_cmd(
 
     Example: clotho-retrieve embed --checkpoint runs/demo --features demo/features --out demo/index
     """
-    from clotho_retrieve.index import EmbedConfig, embed
+    from clotho_retrieve.embed import EmbedConfig, embed
     from clotho_retrieve.utils import console, resolve_device
 
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
@@ -492,49 +382,12 @@ def query_cmd(
 # table / explain  (owned by clotho_retrieve/experiments.py and clotho_retrieve/plots.py)
 # ----------------------------------------------------------------------------------------------
 @command("table")
-def table_cmd(
-    features: Path = typer.Option(
-        ..., "--features", help="Features folder with development.h5, validation.h5, evaluation.h5."
-    ),
-    out: Path = typer.Option(
-        Path("runs/table"), "--out", help="Folder for one run per variant, table.md and table.csv."
-    ),
-    variants: str = typer.Option(
-        "cnn14,gat,self,self-supcon",
-        "--variants",
-        help="Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7).",
-    ),
-    split: str = typer.Option("evaluation", "--split", help="Split the table is measured on."),
-    backbone: str = T["backbone"],
-    audio_weights: str | None = T["audio_weights"],
-    text_model: str = T["text_model"],
-    text_trainable_layers: int = T["text_trainable_layers"],
-    embed_dim: int = T["embed_dim"],
-    d_a: int = T["d_a"],
-    dropout: float = T["dropout"],
-    max_text_tokens: int = T["max_text_tokens"],
-    tau: float = T["tau"],
-    train_splits: str = T["train_splits"],
-    val_split: str = T["val_split"],
-    batch_size: int = T["batch_size"],
-    lr: float = T["lr"],
-    weight_decay: float = T["weight_decay"],
-    epochs: int = T["epochs"],
-    schedule: str = T["schedule"],
-    warmup_epochs: float = T["warmup_epochs"],
-    grad_clip: float = T["grad_clip"],
-    captions: str = T["captions"],
-    spec_augment: bool = T["spec_augment"],
-    freq_mask: int = T["freq_mask"],
-    n_freq_masks: int = T["n_freq_masks"],
-    time_mask: int = T["time_mask"],
-    n_time_masks: int = T["n_time_masks"],
-    seed: int = T["seed"],
-    num_workers: int = T["num_workers"],
-    amp: bool = T["amp"],
-    device: str = T["device"],
-    eval_batch_size: int = T["eval_batch_size"],
-) -> None:
+@config_options(
+    table_cfg=Fields(TableConfig),
+    train_cfg=Fields(TrainConfig, exclude=("features", "out", "resume", "loss")),
+    model_cfg=Fields(ModelConfig, exclude=("attention",)),
+)
+def table_cmd(table_cfg: TableConfig, train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """Reproduce the paper's Table I: train and evaluate the four variants.
 
     Every variant gets the same settings and seed; only the attention module (none | gat | self) and
@@ -548,8 +401,10 @@ def table_cmd(
     from clotho_retrieve.experiments import METRICS, PAPER_TABLE_I, VARIANTS, run_table
     from clotho_retrieve.utils import console
 
-    model_cfg, train_cfg = _build_configs(locals())
-    results, md_path, csv_path = run_table(features, out, model_cfg, train_cfg, variants, split)
+    split = table_cfg.split
+    results, md_path, csv_path = run_table(
+        table_cfg.features, table_cfg.out, model_cfg, train_cfg, table_cfg.variants, split
+    )
 
     table = Table(title=f"Table I on the {split} split: text-to-audio, %, ours / paper")
     table.add_column("variant")

@@ -62,9 +62,10 @@ def _subcommands(command, ctx) -> list:
     return [c for c in found if c is not None and not c.hidden]
 
 
-def _param_lines(command, ctx) -> tuple[list[str], list[str]]:
-    """Markdown bullets for the arguments and the options (``--help`` left out)."""
-    arguments, options = [], []
+def _param_groups(command, ctx) -> list[tuple[str, list[str]]]:
+    """(title, Markdown bullets) per group, as ``--help`` groups them: arguments, options, then one group
+    per Rich help panel in order of appearance; ``--help`` itself is left out."""
+    groups: dict[str, list[str]] = {"Arguments": [], "Options": []}
     for param in command.get_params(ctx):
         record = param.get_help_record(ctx)
         if record is None or list(param.opts) == ["--help"]:
@@ -73,8 +74,12 @@ def _param_lines(command, ctx) -> tuple[list[str], list[str]]:
         if param.help and text.startswith(param.help):  # the help proper may hold markup, the rest not
             text = _plain(param.help) + text[len(param.help) :]
         line = f"* `{names}`" + (f": {_md(' '.join(text.split()))}" if text else "")
-        (arguments if param.param_type_name == "argument" else options).append(line)
-    return arguments, options
+        if param.param_type_name == "argument":
+            title = "Arguments"
+        else:
+            title = getattr(param, "rich_help_panel", None) or "Options"
+        groups.setdefault(title, []).append(line)
+    return [(title, lines) for title, lines in groups.items() if lines]
 
 
 def _command_section(command, ctx, path: str, level: int) -> list[str]:
@@ -84,10 +89,8 @@ def _command_section(command, ctx, path: str, level: int) -> list[str]:
         lines += [_md(help_text), ""]
     usage = " ".join([path, *command.collect_usage_pieces(ctx)])
     lines += ["```", usage, "```", ""]
-    arguments, options = _param_lines(command, ctx)
-    for title, items in (("Arguments", arguments), ("Options", options)):
-        if items:
-            lines += [f"{title}:", "", *items, ""]
+    for title, items in _param_groups(command, ctx):
+        lines += [f"{title}:", "", *items, ""]
     children = _subcommands(command, ctx)
     if children and level > 1:
         lines += _command_table(children, path) + [""]
@@ -120,9 +123,8 @@ def render(app: typer.Typer | None = None, prog: str = PROG) -> str:
         lines += _command_table(children, prog) + [""]
     usage = " ".join([prog, *root.collect_usage_pieces(ctx)])
     lines += ["```", usage, "```", ""]
-    arguments, options = _param_lines(root, ctx)
-    if options:
-        lines += ["Options:", "", *options, ""]
+    for title, items in _param_groups(root, ctx):
+        lines += [f"{title}:", "", *items, ""]
     for child in children:
         child_ctx = typer.Context(child, info_name=child.name, parent=ctx)
         lines += _command_section(child, child_ctx, f"{prog} {child.name}", 2)

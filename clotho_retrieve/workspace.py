@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from clotho_retrieve.datasets.clotho import SPLITS
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text
 
 ENV_VAR = "CLOTHO_RETRIEVE_WORKSPACE"
@@ -51,7 +52,6 @@ STATE_FORMAT = "clotho-retrieve-workspace"
 KINDS = ("run", "index", "features")  # what record_latest records; "started" is record_started's
 HISTORY = 100  # entries kept per kind
 PROG = "clotho-retrieve"
-SPLITS = ("development", "validation", "evaluation")
 EXAMPLE_QUERY = "dog barking in rain"
 NOTE_FRESH_S = 120.0  # torchrun: processes of one job start asking for the run folder within this
 TABLE_RESULT = "table_result.json"  # experiments.RESULT_FILE: a `table` variant trained and evaluated

@@ -39,6 +39,7 @@ def _toy_app() -> typer.Typer:
         text: str = typer.Argument(..., help="What to look for."),
         top_k: int = typer.Option(10, "--top-k", "-k", min=1, help="Results per [bold]query[/]."),
         paths: str = typer.Option("data/*.wav", "--paths", help="Files to search."),
+        nprobe: int = typer.Option(16, "--nprobe", help="Cells to visit.", rich_help_panel="Tuning"),
         secret: bool = typer.Option(False, "--secret", hidden=True, help="Not shown."),
     ) -> None:
         """1. Rank clips for a text.
@@ -65,7 +66,9 @@ def test_render_shows_what_help_shows_as_plain_markdown():
     assert "```\ntoy find [OPTIONS] " in page
     assert "Results per query. [default: 10; x>=1]" in page  # Rich markup gone, default kept
     assert "Files to search. [default: data/\\*.wav]" in page  # a literal * stays a *
-    assert "What to look for." in page
+    assert "Arguments:\n\n* `text <str>`: What to look for. [required]" in page
+    assert "Tuning:\n\n* `--nprobe <int>`: Cells to visit. [default: 16]\n" in page  # a help panel
+    assert page.index("Options:") < page.index("--top-k <int range>") < page.index("Tuning:")
     assert "--secret" not in page and "hidden-cmd" not in page and "* `--help`" not in page
     assert "\x1b" not in page and "╭" not in page  # no colour, no boxes
     assert cli_docs.render(_toy_app(), prog="toy") == page  # deterministic
