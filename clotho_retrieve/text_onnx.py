@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -346,7 +347,6 @@ class OnnxTextEncoder:
             self.session = ort.InferenceSession(
                 str(folder / GRAPH_FILE), options, providers=["CPUExecutionProvider"]
             )
-            self._counter = Tokenizer.from_file(str(folder / TOKENIZER_FILE))  # untruncated: n_tokens
             self._tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         except Exception as exc:  # onnxruntime and tokenizers raise their own plain exception types
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -354,9 +354,10 @@ class OnnxTextEncoder:
                 f"{folder}: unreadable ONNX text tower ({first}); export it again"
             ) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self._counter.no_truncation()
-        self._counter.no_padding()
-        self._tokenizer.enable_truncation(self.max_text_tokens, direction=meta["truncation_side"])
+        # One tokenizer (loading bert's tokenizer.json costs ~0.05 s): n_tokens switches its truncation
+        # off for a moment, under a lock, as threads of a server may be tokenizing at the same time.
+        self._lock = threading.Lock()
+        self._truncate()
         self._tokenizer.enable_padding(
             direction=meta["padding_side"],
             pad_id=int(meta["pad_id"]),
@@ -364,10 +365,14 @@ class OnnxTextEncoder:
             pad_token=meta["pad_token"],
         )
 
+    def _truncate(self) -> None:
+        self._tokenizer.enable_truncation(self.max_text_tokens, direction=self.meta["truncation_side"])
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Texts -> the graph's inputs (B, L) int64: truncated to max_text_tokens, padded to the longest,
         as ``tokenizer(texts, padding=True, truncation=True, max_length=max_text_tokens)`` in transformers."""
-        encodings = self._tokenizer.encode_batch(list(texts))
+        with self._lock:
+            encodings = self._tokenizer.encode_batch(list(texts))
         columns = {
             "input_ids": [e.ids for e in encodings],
             "attention_mask": [e.attention_mask for e in encodings],
@@ -377,7 +382,12 @@ class OnnxTextEncoder:
 
     def n_tokens(self, text: str) -> int:
         """Tokens of ``text`` before truncation, special tokens included."""
-        return len(self._counter.encode(text).ids)
+        with self._lock:
+            self._tokenizer.no_truncation()
+            try:
+                return len(self._tokenizer.encode(text).ids)
+            finally:
+                self._truncate()
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> (B, D) float32 unit-norm embeddings, in batches of ``batch_size``."""

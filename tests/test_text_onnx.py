@@ -129,6 +129,20 @@ def test_tokens_equal_the_transformers_tokenizer(minilm):
     assert enc.n_tokens("dog " * 200) == 202  # [CLS] + 200 x dog + [SEP], before truncation
 
 
+def test_threads_may_share_an_encoder(minilm):
+    """n_tokens switches truncation off for a moment: concurrent encodes must never see that."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, enc = minilm
+    texts = varied_captions()
+    want_tokens, want = [enc.n_tokens(t) for t in texts], enc.encode_text(texts)
+    with ThreadPoolExecutor(4) as pool:
+        counts = pool.map(enc.n_tokens, texts * 3)
+        vectors = list(pool.map(lambda t: enc.encode_text([t])[0], texts))
+    assert list(counts) == want_tokens * 3
+    assert np.abs(np.stack(vectors) - want).max() <= TOLERANCE
+
+
 def test_minilm_onnx_equals_torch_on_varied_captions(minilm):
     model, enc = minilm
     texts = varied_captions()
