@@ -29,15 +29,13 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.utils import ClothoRetrieveError
+from clotho_retrieve.utils import ClothoRetrieveError, atomic_folder
 
 TOWER_DIR = "text_tower"  # inside an INDEX folder
 GRAPH_FILE = "text_tower.onnx"
@@ -113,10 +111,8 @@ def _tokenizer_settings(tokenizer) -> dict:
 
 @contextlib.contextmanager
 def _new_folder(folder: Path) -> Iterator[Path]:
-    """A temporary folder beside ``folder`` that replaces it on success (else it is removed).
-
-    A second writer of the same folder is refused while the first holds its lock.
-    """
+    """A temporary folder that replaces ``folder`` on success (utils.atomic_folder), refusing a second
+    writer of the same folder while the first holds its lock."""
     import fcntl
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -125,22 +121,8 @@ def _new_folder(folder: Path) -> Iterator[Path]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ClothoRetrieveError(f"{folder}: another process is writing it; wait for it") from None
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             yield tmp
-            umask = os.umask(0)
-            os.umask(umask)
-            for p in (tmp, *tmp.iterdir()):  # mkdtemp and onnx make private files; give plain ones
-                p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-            old = folder.with_name(f".{folder.name}.old")
-            if folder.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def _trace(graph, names: tuple[str, ...], example: dict, path: Path) -> None:
