@@ -382,3 +382,54 @@ class OnnxTextEncoder:
 
     def encode_audio(self, inputs) -> np.ndarray:
         raise ClothoRetrieveError(f"{self.name}: an ONNX text tower encodes text only")
+
+
+# ----------------------------------------------------------------------------------------------
+# An index's tower: what embed, export, query and serve call
+# ----------------------------------------------------------------------------------------------
+def ensure_text_tower(
+    index_dir: str | os.PathLike, model_dir: str | os.PathLike, weights_sha256: str, model=None
+) -> Path | None:
+    """Export the run's text tower beside an index unless a current one is there; returns its folder.
+
+    ``model``: the run's RetrievalModel when the caller has it with its text tower (spares loading it
+    again). A text model that cannot be exported is reported in one line and None returned: queries of
+    that index go through torch.
+    """
+    from rich.markup import escape
+
+    from clotho_retrieve.utils import err_console
+
+    found = find_text_tower(index_dir, weights_sha256)
+    if found is not None:
+        return found
+    try:
+        with err_console.status("exporting the text tower to ONNX"):
+            if model is not None and getattr(model, "text", None) is not None:
+                return export_text_tower(model, tower_dir(index_dir), weights_sha256)
+            return export_model_dir(model_dir, tower_dir(index_dir), weights_sha256)
+    except ClothoRetrieveError as exc:
+        err_console.print(
+            f"[yellow]warning:[/] no ONNX text tower, text queries will use torch: {escape(str(exc))}",
+            soft_wrap=True,
+        )
+        return None
+
+
+def open_text_tower(index_dir: str | os.PathLike, weights_sha256: str, **options) -> OnnxTextEncoder | None:
+    """The index's ONNX text tower as an encoder (``options`` as OnnxTextEncoder's), or None after a
+    one-line note saying how to export one (then the caller encodes through torch)."""
+    from clotho_retrieve.utils import err_console
+
+    folder = find_text_tower(index_dir, weights_sha256)
+    try:
+        if folder is not None:
+            return OnnxTextEncoder(folder, **options)
+        why = "has no ONNX text tower of the run that built it"
+    except ClothoRetrieveError as exc:
+        why = f"has an unusable ONNX text tower ({exc})"
+    from rich.markup import escape
+
+    hint = EXPORT_HINT.replace("INDEX", str(index_dir))
+    err_console.print(f"[dim]note:[/] {escape(f'{index_dir} {why}; {hint}')}", soft_wrap=True)  # one line
+    return None

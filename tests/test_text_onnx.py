@@ -288,3 +288,41 @@ def test_an_export_that_fails_or_disagrees_with_torch_leaves_nothing(tmp_path, t
     ):
         export_text_tower(tiny_bert, folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tower.lock", "tiny-bert"]
+
+
+def test_ensure_exports_once_per_run_and_open_falls_back_with_a_note(
+    tmp_path, tiny_bert, capsys, monkeypatch
+):
+    from clotho_retrieve import text_onnx
+    from clotho_retrieve.text_onnx import ensure_text_tower, open_text_tower
+
+    index_dir, sha = tmp_path / "index", "12" * 32
+    tiny_bert.save_pretrained(tmp_path / "model")
+    assert open_text_tower(index_dir, sha) is None
+    note = capsys.readouterr().err
+    assert note.count("\n") == 1 and "has no ONNX text tower" in note
+    assert f"clotho-retrieve export {index_dir}" in note
+
+    folder = ensure_text_tower(index_dir, tmp_path / "model", sha, model=tiny_bert)
+    assert folder == tower_dir(index_dir)
+    written = (folder / GRAPH_FILE).stat().st_mtime_ns
+    assert ensure_text_tower(index_dir, tmp_path / "model", sha) == folder  # current: not exported again
+    assert (folder / GRAPH_FILE).stat().st_mtime_ns == written
+    enc = open_text_tower(index_dir, sha)
+    assert isinstance(enc, OnnxTextEncoder) and enc.weights_sha256 == sha
+
+    ensure_text_tower(index_dir, tmp_path / "model", "34" * 32)  # other weights: exported again (from disk)
+    assert read_meta(folder)["weights_sha256"] == "34" * 32
+    assert open_text_tower(index_dir, sha) is None  # stale for the old weights
+    capsys.readouterr()
+
+    (folder / GRAPH_FILE).write_bytes(b"broken")
+    assert open_text_tower(index_dir, "34" * 32) is None
+    assert "unusable ONNX text tower" in capsys.readouterr().err
+
+    def broken_trace(*args):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(text_onnx, "_trace", broken_trace)
+    assert ensure_text_tower(tmp_path / "other", tmp_path / "model", sha, model=tiny_bert) is None
+    assert "text queries will use torch" in capsys.readouterr().err
