@@ -375,10 +375,11 @@ def embed_cmd(
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
     summary = embed(checkpoint, features, out, cfg, prune=prune)
     ws.record_latest("index", out)
+    tower = summary["text_tower"] or "none (text queries use torch)"
     console.print(
         f"{summary['index']}: {summary['clips']:,} clips ({summary['added']:,} added, "
         f"{summary['updated']:,} updated, {summary['removed']:,} removed, {summary['unchanged']:,} "
-        f"unchanged), search: {summary['index_type']}",
+        f"unchanged), search: {summary['index_type']}, ONNX text tower: {tower}",
         highlight=False,
     )
 
@@ -404,6 +405,34 @@ def index_cmd(
     cfg = AnnConfig(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
     chosen = build_ann_index(index, index_type, cfg)
     console.print(f"{index}: search is now {chosen}", highlight=False)
+
+
+@command("export")
+def export_cmd(
+    index: Path | None = typer.Option(
+        None, "--index", help="Index folder written by `embed`. Default: the latest index."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="The run that built the index, if it has moved (checked against it)."
+    ),
+) -> None:
+    """Export the text tower of an index's run to ONNX (INDEX/text_tower/): text queries without torch.
+
+    `embed` does it for the indexes it writes; this is for an older index, or to export again.
+
+    Example: clotho-retrieve export   (the latest index; --index DIR for another)
+    """
+    from clotho_retrieve.index import EmbeddingIndex
+    from clotho_retrieve.query import index_model_dir
+    from clotho_retrieve.text_onnx import export_model_dir, tower_dir
+    from clotho_retrieve.utils import console
+
+    index = index or _ws().latest_index()
+    with EmbeddingIndex(index, in_memory_max=0) as idx:
+        model_dir, sha256 = index_model_dir(idx, checkpoint), idx.fingerprint.sha256
+    with err_console.status(f"exporting the text tower of {model_dir} to ONNX"):
+        folder = export_model_dir(model_dir, tower_dir(index), sha256)
+    console.print(f"{folder}: ONNX text tower of {model_dir}", highlight=False)
 
 
 @command("query")

@@ -11,6 +11,9 @@ The index is brought in step with the features: clips whose names are new are ap
 log-Mel frames changed (:func:`clip_fingerprint`) are re-embedded in place (captions too), and with
 ``prune`` rows whose names are not in the features are dropped; unchanged clips are kept as they are,
 so re-running resumes an interrupted run. The on-disk layout is documented in index/store.py.
+
+Beside the index, the run's text tower is exported to ONNX (INDEX/text_tower/, clotho_retrieve/text_onnx.py)
+unless a current export is there, so text queries of the index start without torch.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from clotho_retrieve.index import (
     choose_index_type,
     drop_ann_index,
 )
+from clotho_retrieve.text_onnx import ensure_text_tower
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text, err_console
 
 ClipRef = tuple[int, int]  # (feature file number, clip number in that file)
@@ -295,7 +299,9 @@ def embed(
 
     New names are appended, changed clips re-embedded in place, and with ``prune`` rows not in the
     features removed (see the module docstring). A name in several feature files is taken from the
-    first. Returns a summary dict (clips, added, updated, removed, unchanged, ...).
+    first. The run's text tower is exported to ONNX beside the index unless a current one is there.
+    Returns a summary dict (clips, added, updated, removed, unchanged, ..., text_tower: its folder or
+    None when the text model could not be exported).
     """
     cfg = cfg or EmbedConfig()
     out = Path(out)
@@ -319,4 +325,14 @@ def embed(
             atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
             counts = _embed_into(reader, encoder, writer, cfg, prune)
     index_type = _refresh_ann(out, cfg.index_type, counts["clips"])
-    return {"index": str(out), **counts, "index_type": index_type, "fingerprint": fingerprint.sha256}
+    tower = None
+    if isinstance(encoder, RunEncoder):  # our runs (an encoder of another kind has no tower to export)
+        loaded = encoder.model if encoder.model.text is not None else None  # spares loading it again
+        tower = ensure_text_tower(out, model_dir, fingerprint.sha256, model=loaded)
+    return {
+        "index": str(out),
+        **counts,
+        "index_type": index_type,
+        "fingerprint": fingerprint.sha256,
+        "text_tower": None if tower is None else str(tower),
+    }

@@ -235,15 +235,12 @@ def load_model(
 ) -> RunEncoder:
     """The one way to load a model for encoding: a run folder (its ``which`` model) or a model folder.
 
-    ``parts`` builds only the towers needed (("text",) for text queries: no audio model, and BERT text
-    models skip importing transformers).
+    ``parts`` builds only the towers needed (("text",) for text queries without an ONNX text tower:
+    no audio model; with one, clotho_retrieve/text_onnx.py encodes text without torch).
     """
     from clotho_retrieve.models import RetrievalModel
     from clotho_retrieve.utils import resolve_device
 
     folder = resolve_model_dir(path, which)
-    fast_text = tuple(parts) == ("text",)
-    model = RetrievalModel.from_pretrained(
-        folder, parts=tuple(parts), device=resolve_device(device), fast_text=fast_text
-    )
+    model = RetrievalModel.from_pretrained(folder, parts=tuple(parts), device=resolve_device(device))
     return RunEncoder(model, name=str(folder), batch_size=batch_size, amp=amp, threads=threads)

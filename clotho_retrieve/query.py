@@ -1,7 +1,9 @@
 """Query an embedding index: text-to-audio (the paper's task), audio-to-audio and audio-to-text.
 
-Queries are encoded by the run's Encoder (clotho_retrieve/encoder.py). A text query loads the text
-tower only (BERT [CLS] -> projector -> unit norm; no audio model, and no transformers import for BERT).
+Queries are encoded by the run's Encoder (clotho_retrieve/encoder.py). A text query on the CPU runs the
+ONNX export of the run's text tower kept in the index (BERT [CLS] -> projector -> unit norm, with
+onnxruntime and tokenizers: no torch, no transformers; clotho_retrieve/text_onnx.py); an index without
+one answers through torch, loading the text tower only, after a one-line note on how to export it.
 An example recording is turned into a log-Mel with the index's front end and encoded by the audio
 tower. Either way the ranking is by cosine similarity (dot product of unit vectors) against the index
 (clotho_retrieve/index/; see docs/). The run is found from the index, or given and checked against the
@@ -16,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.encoder import RunEncoder, RunFingerprint, load_model, resolve_model_dir
+from clotho_retrieve.encoder import Encoder, RunFingerprint, load_model, resolve_model_dir
 from clotho_retrieve.index import EmbeddingIndex, exact_search
+from clotho_retrieve.text_onnx import open_text_tower
 from clotho_retrieve.utils import ClothoRetrieveError, err_console
 
 
@@ -45,13 +48,8 @@ class QueryResult:
 # ----------------------------------------------------------------------------------------------
 # Loading the run that built the index
 # ----------------------------------------------------------------------------------------------
-def load_index_model(
-    index: EmbeddingIndex,
-    parts: tuple[str, ...],
-    checkpoint: str | os.PathLike | None = None,
-    device: str = "cpu",
-) -> RunEncoder:
-    """The Encoder of the run that built ``index`` (only ``parts``), after checking its weights' fingerprint.
+def index_model_dir(index: EmbeddingIndex, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The model folder of the run that built ``index``, after checking its weights' fingerprint.
 
     Without ``checkpoint`` the model folder recorded in the index is used. The fingerprint is the
     SHA-256 of model.safetensors; the recorded size and mtime spare re-hashing an unchanged file.
@@ -73,8 +71,33 @@ def load_index_model(
             f"{index.path}: built by another run (weights {index.fingerprint.sha256[:12]}) than {where} "
             f"(weights {fp.sha256[:12]}); embed again with this run, or pass the right --checkpoint"
         )
+    return model_dir
+
+
+def load_index_model(
+    index: EmbeddingIndex,
+    parts: tuple[str, ...],
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "cpu",
+) -> Encoder:
+    """The Encoder of the run that built ``index`` (only ``parts``), checked by :func:`index_model_dir`.
+
+    Text only on the CPU: the index's ONNX text tower when it has a current one (exported from the
+    index's weights, so without ``checkpoint`` it answers even when the run has moved), else torch after
+    a one-line note (printed by open_text_tower).
+    """
+    text_cpu = tuple(parts) == ("text",) and device == "cpu"
+    if text_cpu and checkpoint is None:
+        tower = open_text_tower(index.path, index.fingerprint.sha256)
+        if tower is not None:
+            return tower
+        model_dir = index_model_dir(index)
+    else:
+        model_dir = index_model_dir(index, checkpoint)
+        if text_cpu and (tower := open_text_tower(index.path, index.fingerprint.sha256)) is not None:
+            return tower  # --checkpoint is the index's run (checked above): its tower is the index's
     # One CPU thread for text: a query is a few tokens, and on a busy CPU every multi-threaded op waits
-    # for a descheduled worker (see RunEncoder). A text-only model skips transformers (models/bert.py).
+    # for a descheduled worker (see RunEncoder).
     threads = 1 if tuple(parts) == ("text",) else None
     return load_model(model_dir, parts=tuple(parts), device=device, threads=threads)
 

@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 OPSET = 17  # LayerNormalization is one ONNX op from opset 17 on
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 EXPORT_TOLERANCE = 1e-4  # max |ONNX - torch| over the export's own check captions
-EXPORT_HINT = "export the text tower once (`clotho-retrieve export INDEX`) for a query without torch"
+EXPORT_HINT = "export the text tower once (`clotho-retrieve export --index INDEX`) for a query without torch"
 
 # Captions the export is checked on: a padded batch, a caption alone (no padding: a graph that baked in
 # "mask present" or "mask absent" would differ), and one cut at the token limit.

@@ -301,7 +301,7 @@ def test_ensure_exports_once_per_run_and_open_falls_back_with_a_note(
     assert open_text_tower(index_dir, sha) is None
     note = capsys.readouterr().err
     assert note.count("\n") == 1 and "has no ONNX text tower" in note
-    assert f"clotho-retrieve export {index_dir}" in note
+    assert f"clotho-retrieve export --index {index_dir}" in note
 
     folder = ensure_text_tower(index_dir, tmp_path / "model", sha, model=tiny_bert)
     assert folder == tower_dir(index_dir)

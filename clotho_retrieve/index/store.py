@@ -62,6 +62,18 @@ _FP = np.dtype("S32")  # a clip fingerprint: 32 hex digits
 # ----------------------------------------------------------------------------------------------
 # Reading an index
 # ----------------------------------------------------------------------------------------------
+def read_faiss(path: Path):
+    """A FAISS index file with its IVF inverted lists memory-mapped (a query reads the pages of the lists
+    it probes, not a 4 GB file for a million clips; other parts and types are read as usual). Read
+    whole if FAISS refuses to map it. The index is read-only: search, never add."""
+    import faiss
+
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    except RuntimeError:  # a type FAISS cannot map (or an unreadable file: the plain read says which)
+        return faiss.read_index(str(path))
+
+
 class EmbeddingIndex:
     """Read side of an INDEX folder: metadata, the vectors, and `search`.
 
@@ -124,10 +136,8 @@ class EmbeddingIndex:
                 f"{self.path}"
             )
             return None, None
-        import faiss
-
         try:
-            index = faiss.read_index(str(self.path / FAISS_FILE))
+            index = read_faiss(self.path / FAISS_FILE)
         except RuntimeError as exc:
             raise ClothoRetrieveError(
                 f"{self.path / FAISS_FILE}: unreadable ({str(exc).splitlines()[0]}); rebuild it with "
