@@ -153,7 +153,7 @@ def _optimize(raw: Path, path: Path) -> None:
     """Save onnxruntime's optimised graph (fused MatMul + bias, LayerNorm, GELU) with its weights in
     DATA_FILE, so a query loads it without optimising again and maps the weights instead of parsing them
     (bert-base, loaded 2-core machine: 2.1 s to load the plain export, 0.07 s this one; MiniLM: 0.45 s,
-    0.07 s; benchmarks/onnx_cold_query.py times whole queries).
+    0.07 s; benchmarks/query_startup.py times whole queries).
 
     "Extended" optimisations only: their fused operators run on any CPU (the "all" level adds layouts
     specific to this machine's instruction set)."""
