@@ -10,9 +10,10 @@ model; :func:`is_clap_model` tells them apart with one rule:
   local hub cache already holds its ``config.json`` with model type "clap" (a prefetched fine-tune).
 
 Audio input (``ClapFrontEnd``): exactly what the checkpoint's ``ClapFeatureExtractor`` computes for one
-clip, given alone: the file is decoded (soundfile), mixed down to mono (mean of the channels), resampled
-to the extractor's rate (48 kHz) with soxr (HQ), then the extractor gives the (C, T, F) log-Mel input
-(C = 1 for truncation "rand_trunc", 4 for "fusion"; T = 1001 frames of 10 s; F = 64 bands).
+clip, given alone: the file is decoded (audio.open_audio: WAV, FLAC, OGG, MP3), mixed down to mono (mean
+of the channels), resampled to the extractor's rate (48 kHz) with audio.resample (soxr HQ), then the
+extractor gives the (C, T, F) log-Mel input (C = 1 for truncation "rand_trunc", 4 for "fusion";
+T = 1001 frames of 10 s; F = 64 bands).
 
 * Repeatable crops: the extractor crops clips longer than 10 s at random (``np.random``). Every clip is
   computed with NumPy's global generator seeded with ``CROP_SEED`` (0) and restored afterwards, so the
@@ -48,12 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
+from clotho_retrieve.audio import open_audio, resample  # resample: soxr HQ, as every front end
 from clotho_retrieve.encoder import PARTS, autocast, torch_threads
 from clotho_retrieve.utils import ClothoRetrieveError
 
 CLAP_PRESET = "clap"
 CROP_SEED = 0
-RESAMPLER = "soxr-hq"
+RESAMPLER = "soxr-hq"  # audio.resample
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _SEED_LOCK = threading.Lock()
@@ -107,48 +109,10 @@ def is_clap_front_end(front_end) -> bool:
 # Decoding
 # ----------------------------------------------------------------------------------------------
 def decode_mono(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Any format soundfile reads (WAV, FLAC, OGG, MP3, ...) -> (mono float32 waveform, sample rate).
-
-    Channels are averaged. Problems raise ClothoRetrieveError with the reason only (callers add the file).
-    """
-    import soundfile as sf
-
-    try:
-        with sf.SoundFile(str(path)) as f:
-            sr, declared = f.samplerate, f.frames
-            # libsndfile shortens a WAV whose data chunk runs past the end; it logs "data : N (should be M)"
-            cut = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", f.extra_info, re.M)
-            if cut and int(cut.group(1)) > int(cut.group(2)):
-                raise ClothoRetrieveError(
-                    f"truncated: data chunk declares {cut.group(1)} bytes, the file holds {cut.group(2)}"
-                )
-            data = f.read(dtype="float32", always_2d=True)  # (n, channels)
-    except sf.LibsndfileError as exc:
-        if os.path.getsize(path) == 0:
-            raise ClothoRetrieveError("empty file") from None
-        detail = exc.error_string.strip()
-        if "does not exist" in detail:  # what libsndfile says of an undecodable MP3
-            detail = "not a recognised audio format"
-        raise ClothoRetrieveError(f"unreadable audio ({detail})") from None
-    except (RuntimeError, ValueError, TypeError, OSError) as exc:
-        raise ClothoRetrieveError(f"unreadable audio ({type(exc).__name__}: {exc})") from None
-    if len(data) == 0:
-        raise ClothoRetrieveError("no audio samples (empty or truncated file)")
-    if len(data) < declared:
-        raise ClothoRetrieveError(f"truncated: header declares {declared} frames, only {len(data)} decode")
-    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    if not np.all(np.isfinite(wave)):
-        raise ClothoRetrieveError("audio contains NaN or infinite samples")
-    return np.ascontiguousarray(wave, dtype=np.float32), int(sr)
-
-
-def resample(waveform: np.ndarray, orig: int, new: int) -> np.ndarray:
-    """Band-limited resampling with soxr (HQ); the input is returned as is when the rates agree."""
-    import soxr
-
-    if int(orig) == int(new):
-        return waveform
-    return soxr.resample(np.ascontiguousarray(waveform, dtype=np.float32), int(orig), int(new), quality="HQ")
+    """Any format the features stage reads -> (mono float32 waveform, sample rate), via audio.open_audio:
+    channels averaged, every broken file a ClothoRetrieveError with the reason only (callers add the file)."""
+    with open_audio(path) as audio:
+        return audio.read_all(), int(audio.sample_rate)
 
 
 @contextlib.contextmanager
@@ -298,9 +262,27 @@ def _extractor(front_end: ClapFrontEnd):
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
-def _source(spec: str | os.PathLike) -> str:
+def clap_source(spec: str | os.PathLike) -> str:
+    """What to load and to record: a local folder's absolute path, else the hub id as given."""
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else str(spec)
+
+
+def _local_only(spec: str | os.PathLike) -> bool:
+    """Load from local files only: offline (HF_HUB_OFFLINE), or a hub id whose config and weights the hub
+    cache already holds (`download --model` or an earlier load fetched them). An index keeps working with
+    the checkpoint that built it, without asking the hub, even if the hub's copy has changed since."""
+    if _offline():
+        return True
+    if Path(spec).expanduser().exists():
+        return False  # a local folder: nothing to fetch
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(str(spec), "config.json")
+    except Exception:  # an invalid id or an unreadable cache
+        return False
+    return isinstance(config, str) and clap_weights_file(spec) is not None
 
 
 @contextlib.contextmanager
@@ -314,7 +296,7 @@ def _load_errors(spec: str | os.PathLike):
         detail = " ".join(str(exc).split())[:300]
         hint = ""
         if not Path(spec).expanduser().exists():
-            hint = f"; prefetch it with `clotho-retrieve download --text-model {spec}`, or check the name"
+            hint = f"; prefetch it with `clotho-retrieve download --model {spec}`, or check the name"
         raise ClothoRetrieveError(f"{spec}: cannot load this CLAP model ({detail}){hint}") from None
 
 
@@ -343,7 +325,7 @@ def clap_config(spec: str | os.PathLike):
     from transformers import ClapConfig, PretrainedConfig
 
     with _load_errors(spec):
-        config, _ = PretrainedConfig.get_config_dict(_source(spec), local_files_only=_offline())
+        config, _ = PretrainedConfig.get_config_dict(clap_source(spec), local_files_only=_local_only(spec))
         if config.get("model_type") != "clap":
             raise ClothoRetrieveError(f"{spec}: not a CLAP model (model_type {config.get('model_type')!r})")
         return ClapConfig.from_dict(config)
@@ -355,7 +337,7 @@ def clap_front_end(spec: str | os.PathLike) -> ClapFrontEnd:
 
     config = clap_config(spec)
     with _load_errors(spec):
-        fe = ClapFeatureExtractor.from_pretrained(_source(spec), local_files_only=_offline())
+        fe = ClapFeatureExtractor.from_pretrained(clap_source(spec), local_files_only=_local_only(spec))
     front_end = ClapFrontEnd.of_extractor(fe)
     fused = bool(config.audio_config.enable_fusion)
     if fused != (front_end.truncation == "fusion"):
@@ -472,7 +454,8 @@ def load_clap(
     amp: bool = False,
     threads: int | None = None,
 ) -> ClapEncoder:
-    """Load a CLAP model (local folder or hub id; only local files when HF_HUB_OFFLINE is set).
+    """Load a CLAP model (local folder or hub id; only local files when HF_HUB_OFFLINE is set or the hub
+    cache holds the checkpoint).
 
     Both parts: ClapModel; one part: only that tower (ClapAudio/TextModelWithProjection), same weights.
     """
@@ -494,10 +477,19 @@ def load_clap(
     cls = ClapModel if set(parts) == set(PARTS) else {
         "audio": ClapAudioModelWithProjection, "text": ClapTextModelWithProjection
     }[parts[0]]  # fmt: skip
-    kwargs = {"local_files_only": _offline(), "dtype": torch.float32}
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # one tower of a ClapModel checkpoint: its report of the unused weights
+    bar = hf_logging.is_progress_bar_enabled()
+    kwargs = {"local_files_only": _local_only(spec), "dtype": torch.float32}
     with _load_errors(spec):
-        tokenizer = AutoTokenizer.from_pretrained(_source(spec), local_files_only=_offline())
-        model = cls.from_pretrained(_source(spec), **kwargs).to(resolve_device(device))
+        tokenizer = AutoTokenizer.from_pretrained(clap_source(spec), local_files_only=_local_only(spec))
+        hf_logging.disable_progress_bar()  # "Loading weights" (hub downloads keep their own bars)
+        try:
+            model = cls.from_pretrained(clap_source(spec), **kwargs).to(resolve_device(device))
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     max_tokens = min(int(tokenizer.model_max_length), int(config.text_config.max_position_embeddings) - 2)
     return ClapEncoder(model, tokenizer, front_end, name=str(spec), embed_dim=config.projection_dim,
                        max_text_tokens=max_tokens, batch_size=batch_size, text_batch_size=text_batch_size,

@@ -84,7 +84,7 @@ def download_cmd(
         None,
         "--split",
         help="development | validation | evaluation | all. Default: all, unless only --weights or "
-        "--text-model is asked for.",
+        "--model is asked for.",
     ),
     mirror: str | None = typer.Option(
         None,
@@ -103,11 +103,15 @@ def download_cmd(
         help="PANNs checkpoint folder. Default: $CLOTHO_RETRIEVE_CACHE or ~/.cache/clotho-retrieve/panns.",
     ),
     text_model: str | None = typer.Option(
-        None, "--text-model", help="Also pre-fetch this Hugging Face text model (e.g. bert-base-uncased)."
+        None,
+        "--model",
+        "--text-model",
+        help="Also pre-fetch this Hugging Face model for offline use: a text model to train with "
+        "(bert-base-uncased) or a pretrained CLAP model to embed and query with (laion/clap-htsat-unfused).",
     ),
     retries: int = typer.Option(5, "--retries", min=0, help="Retries per file for transient network errors."),
 ) -> None:
-    """1. Download Clotho v2.1 (and optionally PANNs weights or a text model).
+    """1. Download Clotho v2.1 (and optionally PANNs weights, a text model or a CLAP model).
 
     Resumable, MD5-verified and idempotent: a complete ROOT is left alone without a network request.
     """
@@ -131,7 +135,7 @@ def download_cmd(
     for name in weights or []:
         console.print(f"PANNs {name}: {download_panns(name, cache=cache, mirror=mirror, retries=retries)}")
     if text_model:
-        console.print(f"text model {text_model}: {download_text_model(text_model)}")
+        console.print(f"model {text_model}: {download_text_model(text_model)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +174,15 @@ def features_cmd(
     split: list[str] | None = typer.Option(
         None, help="Only this split (repeatable; with --root). Default: every split found."
     ),
-    preset: str = typer.Option("paper", help="Front end: 'paper' (44.1 kHz, Hamming) or 'panns' (32 kHz)."),
+    preset: str | None = typer.Option(
+        None, help="Front end: 'paper' (44.1 kHz, Hamming; the default) or 'panns' (32 kHz)."
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Instead of a preset: the input of this pretrained CLAP model (hub id such as "
+        "laion/clap-htsat-unfused, or its folder), exactly as its ClapFeatureExtractor computes it.",
+    ),
     sample_rate: int | None = typer.Option(None, help="Override the preset's sample rate (Hz)."),
     n_fft: int | None = typer.Option(None, help="Override the FFT size."),
     win_length: int | None = typer.Option(None, help="Override the window length (samples)."),
@@ -185,7 +197,9 @@ def features_cmd(
     """2. Compute log-Mel spectrograms into an HDF5 cache.
 
     Examples: clotho-retrieve features --root data/clotho --out data/features ;
-    clotho-retrieve features --audio-dir ~/sounds --out sounds.h5 --preset panns
+    clotho-retrieve features --audio-dir ~/sounds --out sounds.h5 --preset panns ;
+    clotho-retrieve features --root data/clotho --split evaluation --model laion/clap-htsat-unfused
+    --out data/features-clap
     """
     from clotho_retrieve.features import FeaturesConfig, compute_features, print_report
 
@@ -203,7 +217,9 @@ def features_cmd(
         ).items()
         if v is not None
     }
-    cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict)
+    if model is not None and (preset is not None or overrides):
+        raise ClothoRetrieveError("features: --model sets the front end; drop --preset and the overrides")
+    cfg = FeaturesConfig(preset or "paper", overrides, workers, strict, model=model)
     print_report(compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None))
 
 
@@ -228,9 +244,18 @@ def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
 
 @command("evaluate")
 def evaluate_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder of `train` (or a model folder)."),
+    checkpoint: str = typer.Option(
+        ...,
+        "--model",
+        "--checkpoint",
+        help="Model to score: a run folder of `train` (or a model folder), or a pretrained CLAP model "
+        "(hub id such as laion/clap-htsat-unfused, or its folder), zero-shot.",
+    ),
     features: Path = typer.Option(
-        Path("features"), "--features", help="Features folder (see --split) or one HDF5 features file."
+        Path("features"),
+        "--features",
+        help="Features folder (see --split) or one HDF5 features file, computed with the model's front end "
+        "(a CLAP model's: `features --model MODEL`).",
     ),
     split: str = typer.Option("evaluation", "--split", help="Split to score when --features is a folder."),
     which: str = typer.Option("best", "--which", help="Which model of a run folder: best or last."),
@@ -238,19 +263,33 @@ def evaluate_cmd(
     submission: Path | None = typer.Option(
         None, "--submission", help="Write DCASE's top-10 CSV: caption,file_name_1,...,file_name_10."
     ),
+    relevance: Path | None = typer.Option(
+        None,
+        "--relevance",
+        help="CSV of judged pairs (header: caption or query, file_name, relevance): score those queries "
+        "with several relevant clips each (DCASE 2025: R@k, mAP@k) instead of one clip per caption.",
+    ),
+    k: int | None = typer.Option(
+        None, "--k", min=1, help="With --relevance: the mAP@k cutoff (default 16, as DCASE 2025)."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", help="Clips per batch."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
 ) -> None:
-    """4. Score a trained run: text-to-audio and audio-to-text R@k, mAP@10.
+    """4. Score a trained run or a CLAP model: text-to-audio and audio-to-text R@k, mAP@10.
 
-    Example: clotho-retrieve evaluate --checkpoint runs/self --features feats --split evaluation
+    Examples: clotho-retrieve evaluate --model runs/self --features feats --split evaluation ;
+    clotho-retrieve evaluate --model laion/clap-htsat-unfused --features feats-clap --relevance rel.csv
     """
     import json
 
     from clotho_retrieve.evaluate import evaluate, results_table
+    from clotho_retrieve.metrics import MAP_K
     from clotho_retrieve.utils import console
 
-    result = evaluate(checkpoint, features, split, which, batch_size, device, submission)
+    if k is not None and relevance is None:
+        raise ClothoRetrieveError("--k goes with --relevance (the one-clip protocol reports mAP@10)")
+    k = k or MAP_K
+    result = evaluate(checkpoint, features, split, which, batch_size, device, submission, relevance, k)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -264,9 +303,22 @@ def evaluate_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("embed")
 def embed_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder from `train` (or a model folder)."),
-    features: Path = typer.Option(
-        ..., "--features", help="A features .h5 file, or a folder of them (all Clotho splits)."
+    checkpoint: str = typer.Option(
+        ...,
+        "--model",
+        "--checkpoint",
+        help="Model to encode with: a run folder from `train` (or a model folder), or a pretrained CLAP "
+        "model (hub id such as laion/clap-htsat-unfused, or its folder).",
+    ),
+    features: Path | None = typer.Option(
+        None, "--features", help="A features .h5 file, or a folder of them (all Clotho splits)."
+    ),
+    audio_dir: Path | None = typer.Option(
+        None,
+        "--audio-dir",
+        help="Instead of --features: a folder of audio (WAV/FLAC/OGG/MP3, recursively). Its features are "
+        "computed (or brought up to date) with the model's front end into OUT/features.h5, bad files "
+        "skipped with a report; the index then mirrors the folder.",
     ),
     out: Path = typer.Option(
         ..., "--out", help="Index folder to create, resume, or bring in step with the features."
@@ -285,18 +337,30 @@ def embed_cmd(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Clips per forward pass."),
     chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="Clips per write (resume granularity)."),
     which: str = typer.Option("best", "--which", help="Checkpoint of a run folder: best | last."),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="With --audio-dir: feature worker processes; 0 = all cores."
+    ),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
 ) -> None:
-    """5. Embed audio (and captions) with a trained run into a searchable index.
+    """5. Embed audio (and captions) with a trained run or a CLAP model into a searchable index.
 
     New clips are appended, clips whose features changed are re-embedded, unchanged ones kept.
 
-    Example: clotho-retrieve embed --checkpoint runs/demo --features demo/features --out demo/index
+    Examples: clotho-retrieve embed --model runs/demo --features demo/features --out demo/index ;
+    clotho-retrieve embed --model laion/clap-htsat-unfused --audio-dir ~/sounds --out sounds-index
     """
-    from clotho_retrieve.embed import EmbedConfig, embed
+    from clotho_retrieve.embed import EmbedConfig, audio_dir_features, embed
     from clotho_retrieve.utils import console, resolve_device
 
+    if (features is None) == (audio_dir is None):
+        raise ClothoRetrieveError("embed: pass either --features or --audio-dir")
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
+    if audio_dir is not None:
+        from clotho_retrieve.features import print_report
+
+        result = audio_dir_features(checkpoint, audio_dir, out, which, workers)
+        print_report([result])
+        features, prune = result["out"], True  # the index mirrors the folder
     summary = embed(checkpoint, features, out, cfg, prune=prune)
     console.print(
         f"{summary['index']}: {summary['clips']:,} clips ({summary['added']:,} added, "
@@ -344,8 +408,12 @@ def query_cmd(
     captions: bool = typer.Option(
         False, "--captions", help="Rank the indexed captions instead of clips (needs `embed --captions`)."
     ),
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", help="Run to encode with (default: the run recorded in the index; checked)."
+    checkpoint: str | None = typer.Option(
+        None,
+        "--model",
+        "--checkpoint",
+        help="Model to encode the query with: a run or a CLAP model (default: the one recorded in the "
+        "index; its weights are checked against the index's).",
     ),
     exact: bool = typer.Option(False, "--exact", help="Exact search even when a FAISS index exists."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
@@ -394,26 +462,19 @@ def table_cmd(table_cfg: TableConfig, train_cfg: TrainConfig, model_cfg: ModelCo
     the loss (NT-Xent, Eq. 6 | supervised contrastive, Eq. 7) change. Re-run the same command to
     resume: finished variants are kept, an interrupted one continues from its last checkpoint.
 
-    Example: clotho-retrieve table --features demo/features --out demo/table --backbone tiny --epochs 3
+    Example: clotho-retrieve table --features demo/features --out demo/table --backbone tiny --epochs 3 ;
+    pretrained CLAP models beside them (zero-shot): add --peers laion/clap-htsat-unfused
     """
-    from rich.table import Table
-
-    from clotho_retrieve.experiments import METRICS, PAPER_TABLE_I, VARIANTS, run_table
+    from clotho_retrieve.experiments import rich_table, run_peers, run_table
     from clotho_retrieve.utils import console
 
     split = table_cfg.split
+    peers = run_peers(table_cfg.features, table_cfg.out, table_cfg.peers, split,
+                      train_cfg.eval_batch_size, train_cfg.device)  # fmt: skip
     results, md_path, csv_path = run_table(
-        table_cfg.features, table_cfg.out, model_cfg, train_cfg, table_cfg.variants, split
+        table_cfg.features, table_cfg.out, model_cfg, train_cfg, table_cfg.variants, split, peers
     )
-
-    table = Table(title=f"Table I on the {split} split: text-to-audio, %, ours / paper")
-    table.add_column("variant")
-    for m in METRICS:
-        table.add_column(m, justify="right")
-    for name, metrics in results.items():
-        paper = PAPER_TABLE_I[name]
-        table.add_row(VARIANTS[name].label, *(f"{100 * metrics[m]:.1f} / {paper[m]:.1f}" for m in METRICS))
-    console.print(table)
+    console.print(rich_table(results, split, peers))
     err_console.print(f"wrote {md_path} and {csv_path}")
 
 

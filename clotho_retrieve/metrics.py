@@ -201,6 +201,35 @@ def multi_relevance_metrics(
     return out
 
 
+def multi_relevance_chance(
+    n_clips: int, n_relevant: Sequence[int], k: int = MAP_K, ks: tuple[int, ...] = KS
+) -> dict[str, float]:
+    """Expected :func:`multi_relevance_metrics` of a random ranking (every order of the N clips equally
+    likely), for queries with m_q = ``n_relevant[q]`` relevant clips each:
+
+        R@K(q)       = 1 - C(N - m, K) / C(N, K)      (some relevant clip among K drawn without replacement)
+        E[AP@k](q)   = 1 / min(m, k) * sum_{r=1..min(k, N)} (m / N) * (1 + (r - 1)(m - 1) / (N - 1)) / r
+
+    (the clip at rank r is relevant with probability m/N; given it is, each of the r - 1 clips above it is
+    with probability (m - 1)/(N - 1)). With m = 1 these are DCASE 2022's R@K = K/N and
+    mAP@10 = (1/N) sum_{r<=10} 1/r. Means over queries; fractions in [0, 1].
+    """
+    import math
+
+    n = int(n_clips)
+    if n < 1 or not len(n_relevant) or any(not 1 <= int(m) <= n for m in n_relevant):
+        raise ClothoRetrieveError(f"chance: need 1 <= relevant clips <= {n} clips for every query")
+    out = {f"R@{K}": 0.0 for K in ks}
+    out[f"mAP@{k}"] = 0.0
+    for m in map(int, n_relevant):
+        for K in ks:
+            out[f"R@{K}"] += 1.0 - (math.comb(n - m, K) / math.comb(n, K) if K <= n else 0.0)
+        above = (m - 1) / (n - 1) if n > 1 else 0.0
+        ap = sum((m / n) * (1 + (r - 1) * above) / r for r in range(1, min(k, n) + 1))
+        out[f"mAP@{k}"] += ap / min(m, k)
+    return {key: value / len(n_relevant) for key, value in out.items()}
+
+
 @dataclass
 class RelevanceJudgements:
     """Queries and their judged clips, read from a ``--relevance`` CSV (see :func:`read_relevance_csv`)."""

@@ -158,7 +158,7 @@ def test_is_clap_model(models, tmp_path):
 
 def test_loading_errors_are_one_line(models, tmp_path):
     assert clap_weights_file("laion/no-such-clap") is None
-    with pytest.raises(ClothoRetrieveError, match="laion/no-such-clap.*download --text-model") as err:
+    with pytest.raises(ClothoRetrieveError, match="laion/no-such-clap.*download --model") as err:
         load_clap("laion/no-such-clap")  # HF_HUB_OFFLINE=1 (conftest): not in the cache
     assert "\n" not in str(err.value)
     bert = tmp_path / "bert"

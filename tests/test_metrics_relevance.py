@@ -192,3 +192,34 @@ def test_read_relevance_csv_unreadable(tmp_path):
     path.write_bytes("caption,file_name,relevance\ncaf\xe9,a.wav,1\n".encode("latin-1"))
     with pytest.raises(ClothoRetrieveError, match="unreadable relevance CSV"):
         read_relevance_csv(path, CLIPS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chance level: the closed form against every ranking of a few clips
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_clips,n_relevant,k", [(5, [2, 1, 5], 3), (6, [3], 16), (4, [2], 2), (1, [1], 16)])
+def test_chance_equals_the_mean_over_every_ranking(n_clips, n_relevant, k):
+    import itertools
+
+    from clotho_retrieve.metrics import multi_relevance_chance
+
+    ks = (1, 2, 5)
+    totals = {f"R@{K}": 0.0 for K in ks} | {f"mAP@{k}": 0.0}
+    orders = list(itertools.permutations(range(n_clips)))
+    for order in orders:  # clip order[r] at rank r + 1: scores n, n-1, ... (no ties)
+        sim = np.empty((len(n_relevant), n_clips))
+        sim[:, list(order)] = np.arange(n_clips, 0, -1)
+        relevant = [{c: 1.0 for c in range(m)} for m in n_relevant]
+        for key, value in multi_relevance_metrics(sim, relevant, k=k, ks=ks).items():
+            totals[key] += value / len(orders)
+    assert multi_relevance_chance(n_clips, n_relevant, k=k, ks=ks) == pytest.approx(totals)
+
+
+def test_chance_with_one_relevant_clip_is_dcase_2022s():
+    from clotho_retrieve.experiments import chance_level
+    from clotho_retrieve.metrics import multi_relevance_chance
+
+    chance = multi_relevance_chance(1045, [1] * 3, k=10)
+    assert chance == pytest.approx(chance_level(1045))  # R@k = k/N, mAP@10 = (1/N) sum_{r<=10} 1/r
+    with pytest.raises(ClothoRetrieveError, match="relevant clips"):
+        multi_relevance_chance(4, [5])
