@@ -349,3 +349,18 @@ def test_evaluate_relevance_equals_a_hand_computation(tmp_path, monkeypatch):
     assert code == 1 and "bad.csv line 2" in err and "zzz.wav" in err
     with FeatureFile(tmp_path / "evaluation.h5") as ff:  # the stub really sees the clips by their first value
         assert [int(ff[i][0, 0]) for i in range(4)] == [0, 1, 2, 3]
+
+
+def test_train_refuses_a_clap_models_input(tmp_path):
+    """CLAP input rows have 64 columns like a log-Mel, but training on them would be nonsense."""
+    from clotho_retrieve.clap import ClapFrontEnd
+    from clotho_retrieve.config import ModelConfig, TrainConfig
+    from clotho_retrieve.train import train
+    from clotho_retrieve.utils import ClothoRetrieveError
+
+    fe = ClapFrontEnd(truncation="rand_trunc")
+    rows = [np.zeros((fe.channels * fe.frames, fe.n_mels), np.float32)] * 2
+    write_feature_file(tmp_path / "development.h5", ["a.wav", "b.wav"], rows, [1.0, 1.0], fe, [["x"], ["y"]])
+    cfg = TrainConfig(features=str(tmp_path), out=str(tmp_path / "run"), val_split=None, device="cpu")
+    with pytest.raises(ClothoRetrieveError, match="development.h5: holds a CLAP model's input"):
+        train(ModelConfig(backbone="tiny"), cfg)
