@@ -72,7 +72,8 @@ def load_resume_config(run: Path, cfg: TrainConfig) -> tuple[ModelConfig, TrainC
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ClothoRetrieveError(f"{config_path}: unreadable run config ({exc})") from None
     for name in RESUME_OVERRIDES:
-        setattr(train_cfg, name, getattr(cfg, name))
+        if getattr(cfg, name) is not None:  # None (features): keep the run's own
+            setattr(train_cfg, name, getattr(cfg, name))
     train_cfg.resume, train_cfg.out = True, str(run)
     return model_cfg, train_cfg, saved["front_end"]
 

@@ -63,13 +63,32 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+_workspace_root: Path | None = None  # --workspace, set by the root callback before any command runs
+
+
 @app.callback()
 def _root(
     version: bool | None = typer.Option(
         None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
+    workspace: Path | None = typer.Option(
+        None,
+        "--workspace",
+        "-w",
+        help="Workspace folder (default: $CLOTHO_RETRIEVE_WORKSPACE, else the current folder): Clotho in "
+        "data/clotho, features in data/features, runs in runs/, indexes in indexes/.",
+    ),
 ) -> None:
     """Language-based audio retrieval on Clotho."""
+    global _workspace_root
+    _workspace_root = workspace
+
+
+def _ws():
+    """The workspace every stage takes its default inputs and outputs from (see workspace.py)."""
+    from clotho_retrieve.workspace import Workspace
+
+    return Workspace(_workspace_root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,8 +96,8 @@ def _root(
 # ----------------------------------------------------------------------------------------------
 @command("download")
 def download_cmd(
-    root: Path = typer.Option(
-        Path("data/clotho"), "--root", help="Clotho folder: ROOT/SPLIT/*.wav and the CSVs."
+    root: Path | None = typer.Option(
+        None, "--root", help="Clotho folder: ROOT/SPLIT/*.wav and the CSVs. Default: data/clotho."
     ),
     split: str | None = typer.Option(
         None,
@@ -121,6 +140,7 @@ def download_cmd(
     from clotho_retrieve.utils import console
 
     if split is not None or not (weights or text_model):
+        root = root or _ws().clotho
         report = download_clotho(
             root, split or "all", mirror=mirror, keep_archives=keep_archives, retries=retries
         )
@@ -143,7 +163,9 @@ def download_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("demo-data")
 def demo_data_cmd(
-    out: Path = typer.Option(..., "--out", help="Folder to write (Clotho v2.1 layout: splits + CSVs)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder to write (Clotho v2.1 layout: splits + CSVs). Default: data/clotho."
+    ),
     n_development: int = typer.Option(250, help="Clips in the development split."),
     n_validation: int = typer.Option(50, help="Clips in the validation split."),
     n_evaluation: int = typer.Option(100, help="Clips in the evaluation split."),
@@ -152,11 +174,12 @@ def demo_data_cmd(
 ) -> None:
     """Write the synthetic demo dataset in Clotho's on-disk layout.
 
-    Example: clotho-retrieve demo-data --out demo/data
+    Example: clotho-retrieve demo-data   (then: features, train, embed, query)
     """
     from clotho_retrieve.demo import DemoConfig, make_demo_data
     from clotho_retrieve.utils import console
 
+    out = out or _ws().clotho
     sizes = make_demo_data(out, DemoConfig(n_development, n_validation, n_evaluation, duration, seed))
     console.print(f"demo data: {', '.join(f'{n} {s}' for s, n in sizes.items())} clips in {out}")
 
@@ -166,8 +189,15 @@ def demo_data_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("features")
 def features_cmd(
-    out: Path = typer.Option(..., "--out", help="A folder (with --root) or a FILE.h5 (with --audio-dir)."),
-    root: Path | None = typer.Option(None, help="Clotho-layout root: split folders + clotho_captions_*.csv."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="A folder (with --root) or a FILE.h5 (with --audio-dir). Default: data/features "
+        "(data/features/DIRNAME.h5 with --audio-dir).",
+    ),
+    root: Path | None = typer.Option(
+        None, help="Clotho-layout root: split folders + clotho_captions_*.csv. Default: data/clotho."
+    ),
     audio_dir: Path | None = typer.Option(
         None, help="Any folder of audio (WAV/FLAC/OGG/MP3, searched recursively) to index your own sounds."
     ),
@@ -220,7 +250,13 @@ def features_cmd(
     if model is not None and (preset is not None or overrides):
         raise ClothoRetrieveError("features: --model sets the front end; drop --preset and the overrides")
     cfg = FeaturesConfig(preset or "paper", overrides, workers, strict, model=model)
+    ws = _ws()
+    if root is None and audio_dir is None:
+        root = ws.clotho_root()
+    if out is None:
+        out = ws.features / f"{Path(audio_dir).resolve().name}.h5" if audio_dir else ws.features
     print_report(compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None))
+    ws.record_latest("features", out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,33 +265,51 @@ def features_cmd(
 # Every option of `train` and `table` comes from a field of ModelConfig / TrainConfig / TableConfig
 # (clotho_retrieve/config.py: its default and help, defined once); see clotho_retrieve/cli_options.py.
 @command("train")
-@config_options(train_cfg=Fields(TrainConfig, required=("out",)), model_cfg=Fields(ModelConfig))
+@config_options(train_cfg=Fields(TrainConfig), model_cfg=Fields(ModelConfig))
 def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """3. Train a retrieval model (CNN14 + attention x BERT).
 
-    Example: clotho-retrieve train --features feats --attention self --loss supcon --out runs/self
+    Example: clotho-retrieve train --attention gat   (features from data/features, run in runs/gat-ntxent)
 
     Under torchrun (torchrun --nproc_per_node N -m clotho_retrieve train ...) it runs DistributedDataParallel.
     """
     from clotho_retrieve.train import train
 
-    train(model_cfg, train_cfg)
+    ws = _ws()
+    reserved = None
+    if train_cfg.features is None and not train_cfg.resume:
+        train_cfg.features = str(ws.features_dir())
+    if train_cfg.out is None:
+        if train_cfg.resume:
+            train_cfg.out = str(ws.latest_run(finished=False))
+        else:
+            reserved = ws.new_run_dir(model_cfg.attention, train_cfg.loss)
+            train_cfg.out = str(reserved)
+    ws.record_started(train_cfg.out)
+    try:
+        run = train(model_cfg, train_cfg)
+    except ClothoRetrieveError:
+        if reserved is not None:
+            ws.release_run_dir(reserved)
+        raise
+    ws.record_latest("run", run)
 
 
 @command("evaluate")
 def evaluate_cmd(
-    checkpoint: str = typer.Option(
-        ...,
+    checkpoint: str | None = typer.Option(
+        None,
         "--model",
         "--checkpoint",
         help="Model to score: a run folder of `train` (or a model folder), or a pretrained CLAP model "
-        "(hub id such as laion/clap-htsat-unfused, or its folder), zero-shot.",
+        "(hub id such as laion/clap-htsat-unfused, or its folder), zero-shot. Default: the latest "
+        "finished run.",
     ),
-    features: Path = typer.Option(
-        Path("features"),
+    features: Path | None = typer.Option(
+        None,
         "--features",
         help="Features folder (see --split) or one HDF5 features file, computed with the model's front end "
-        "(a CLAP model's: `features --model MODEL`).",
+        "(a CLAP model's: `features --model MODEL`). Default: data/features.",
     ),
     split: str = typer.Option("evaluation", "--split", help="Split to score when --features is a folder."),
     which: str = typer.Option("best", "--which", help="Which model of a run folder: best or last."),
@@ -277,8 +331,9 @@ def evaluate_cmd(
 ) -> None:
     """4. Score a trained run or a CLAP model: text-to-audio and audio-to-text R@k, mAP@10.
 
-    Examples: clotho-retrieve evaluate --model runs/self --features feats --split evaluation ;
-    clotho-retrieve evaluate --model laion/clap-htsat-unfused --features feats-clap --relevance rel.csv
+    Examples: clotho-retrieve evaluate   (the latest finished run on data/features/evaluation.h5) ;
+    clotho-retrieve evaluate --model laion/clap-htsat-unfused --features data/features-clap ;
+    clotho-retrieve evaluate --relevance judgements.csv --k 16
     """
     import json
 
@@ -288,6 +343,9 @@ def evaluate_cmd(
 
     if k is not None and relevance is None:
         raise ClothoRetrieveError("--k goes with --relevance (the one-clip protocol reports mAP@10)")
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or ws.features_file(split)
     k = k or MAP_K
     result = evaluate(checkpoint, features, split, which, batch_size, device, submission, relevance, k)
     if json_out:
@@ -303,15 +361,12 @@ def evaluate_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("embed")
 def embed_cmd(
-    checkpoint: str = typer.Option(
-        ...,
+    checkpoint: str | None = typer.Option(
+        None,
         "--model",
         "--checkpoint",
         help="Model to encode with: a run folder from `train` (or a model folder), or a pretrained CLAP "
-        "model (hub id such as laion/clap-htsat-unfused, or its folder).",
-    ),
-    features: Path | None = typer.Option(
-        None, "--features", help="A features .h5 file, or a folder of them (all Clotho splits)."
+        "model (hub id such as laion/clap-htsat-unfused, or its folder). Default: the latest finished run.",
     ),
     audio_dir: Path | None = typer.Option(
         None,
@@ -320,8 +375,17 @@ def embed_cmd(
         "computed (or brought up to date) with the model's front end into OUT/features.h5, bad files "
         "skipped with a report; the index then mirrors the folder.",
     ),
-    out: Path = typer.Option(
-        ..., "--out", help="Index folder to create, resume, or bring in step with the features."
+    features: Path | None = typer.Option(
+        None,
+        "--features",
+        help="A features .h5 file, or a folder of them (all Clotho splits). Default: "
+        "data/features/evaluation.h5, or every file of data/features when it holds no Clotho split.",
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Index folder to create, resume, or bring in step with the features. Default: "
+        "indexes/RUN-NAME.",
     ),
     captions: bool = typer.Option(
         False, "--captions", help="Also embed the captions (audio-to-text queries)."
@@ -346,14 +410,18 @@ def embed_cmd(
 
     New clips are appended, clips whose features changed are re-embedded, unchanged ones kept.
 
-    Examples: clotho-retrieve embed --model runs/demo --features demo/features --out demo/index ;
+    Examples: clotho-retrieve embed   (the latest finished run, the evaluation split, into indexes/RUN) ;
     clotho-retrieve embed --model laion/clap-htsat-unfused --audio-dir ~/sounds --out sounds-index
     """
     from clotho_retrieve.embed import EmbedConfig, audio_dir_features, embed
     from clotho_retrieve.utils import console, resolve_device
 
-    if (features is None) == (audio_dir is None):
-        raise ClothoRetrieveError("embed: pass either --features or --audio-dir")
+    if features is not None and audio_dir is not None:
+        raise ClothoRetrieveError("embed: pass either --features or --audio-dir, not both")
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or (None if audio_dir is not None else ws.embed_features())
+    out = out or ws.index_dir_for(checkpoint)
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
     if audio_dir is not None:
         from clotho_retrieve.features import print_report
@@ -362,6 +430,7 @@ def embed_cmd(
         print_report([result])
         features, prune = result["out"], True  # the index mirrors the folder
     summary = embed(checkpoint, features, out, cfg, prune=prune)
+    ws.record_latest("index", out)
     console.print(
         f"{summary['index']}: {summary['clips']:,} clips ({summary['added']:,} added, "
         f"{summary['updated']:,} updated, {summary['removed']:,} removed, {summary['unchanged']:,} "
@@ -396,7 +465,9 @@ def index_cmd(
 @command("query")
 def query_cmd(
     text: str | None = typer.Argument(None, help='What to look for, e.g. "dog barking in rain".'),
-    index: Path = typer.Option(..., "--index", help="Index folder written by `embed`."),
+    index: Path | None = typer.Option(
+        None, "--index", help="Index folder written by `embed`. Default: the latest index."
+    ),
     top_k: int = typer.Option(10, "--top-k", "-k", min=1, help="How many results per query."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per query and line, for scripts."),
     queries: Path | None = typer.Option(
@@ -420,7 +491,7 @@ def query_cmd(
 ) -> None:
     """6. Rank the indexed audio for a text prompt (or an example recording).
 
-    Example: clotho-retrieve query "dog barking in rain" --index demo/index --top-k 5
+    Example: clotho-retrieve query "dog barking in rain"   (the latest index; --index DIR for another)
     """
     import json
 
@@ -431,6 +502,7 @@ def query_cmd(
     texts = ([text] if text is not None else []) + (read_queries_file(queries) if queries else [])
     if not texts and not audio:
         raise ClothoRetrieveError("nothing to look for: give a query text, --queries FILE or --audio FILE")
+    index = index or _ws().latest_index()
     device = resolve_device(device)
     target = "captions" if captions else "audio"
     with EmbeddingIndex(index) as idx:
@@ -469,6 +541,9 @@ def table_cmd(table_cfg: TableConfig, train_cfg: TrainConfig, model_cfg: ModelCo
     from clotho_retrieve.utils import console
 
     split = table_cfg.split
+    ws = _ws()
+    table_cfg.features = table_cfg.features or str(ws.features_dir())
+    table_cfg.out = table_cfg.out or str(ws.runs / "table")
     peers = run_peers(table_cfg.features, table_cfg.out, table_cfg.peers, split,
                       train_cfg.eval_batch_size, train_cfg.device)  # fmt: skip
     results, md_path, csv_path = run_table(
@@ -480,11 +555,16 @@ def table_cmd(table_cfg: TableConfig, train_cfg: TrainConfig, model_cfg: ModelCo
 
 @command("explain")
 def explain_cmd(
-    checkpoint: Path = typer.Option(
-        ..., "--checkpoint", help="Run folder of `train` (attention self or gat), or a model folder."
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Run folder of `train` (attention self or gat), or a model folder. Default: the latest "
+        "finished run.",
     ),
-    features: Path = typer.Option(
-        ..., "--features", help="Features folder (see --split) or one HDF5 features file."
+    features: Path | None = typer.Option(
+        None,
+        "--features",
+        help="Features folder (see --split) or one HDF5 features file. Default: data/features.",
     ),
     clip: str = typer.Option(..., "--clip", help="Clip file name (or its stem), or its index in the file."),
     out: Path = typer.Option(Path("attention.png"), "--out", help="PNG to write."),
@@ -498,8 +578,34 @@ def explain_cmd(
     """
     from clotho_retrieve.plots import explain
 
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or ws.features_file(split)
     path = explain(checkpoint, features, clip, out, split=split, which=which, device=device)
     err_console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# status  (owned by clotho_retrieve/workspace.py)
+# ----------------------------------------------------------------------------------------------
+@command("status")
+def status_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON, for scripts."),
+) -> None:
+    """What the workspace holds (Clotho, features, runs, indexes) and the next command to run.
+
+    Example: clotho-retrieve status
+    """
+    import json
+
+    from clotho_retrieve.utils import console
+    from clotho_retrieve.workspace import status_table
+
+    st = _ws().status()
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+    else:
+        console.print(status_table(st))
 
 
 def main() -> None:

@@ -87,8 +87,16 @@ RESUME_OVERRIDES = ("features", "epochs", "device", "num_workers", "eval_batch_s
 class TrainConfig:
     """Training settings; the defaults are the paper's where it gives one (Sec. IV-A)."""
 
-    features: str = setting("features", "Features folder with development.h5, validation.h5, evaluation.h5.")
-    out: str = setting("runs/run", "Run folder to write (refused if it holds a run: --resume).")
+    features: str | None = setting(
+        None,
+        "Features folder with development.h5, validation.h5, evaluation.h5. Default: the workspace's "
+        "data/features (with --resume: the run's own).",
+    )
+    out: str | None = setting(
+        None,
+        "Run folder to write (refused if it holds a run: --resume). Default: runs/ATTENTION-LOSS in the "
+        "workspace, with a suffix when taken; with --resume: the latest run started.",
+    )
     resume: bool = setting(
         False,
         "Continue the run in --out from its last checkpoint; its saved settings are used, except "
@@ -140,8 +148,12 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TableConfig:
-    features: str = setting(help="Features folder with development.h5, validation.h5, evaluation.h5.")
-    out: str = setting("runs/table", "Folder for one run per variant, table.md and table.csv.")
+    features: str | None = setting(
+        None, "Features folder with development.h5, validation.h5, evaluation.h5. Default: data/features."
+    )
+    out: str | None = setting(
+        None, "Folder for one run per variant, table.md and table.csv. Default: runs/table."
+    )
     variants: str = setting(
         "cnn14,gat,self,self-supcon",
         "Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7); "

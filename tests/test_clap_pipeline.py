@@ -166,7 +166,8 @@ def test_wrong_model_or_folder_is_one_line(clap, library, sounds_index, tmp_path
         (("query", "x", "--index", index, "--model", other), "built by other weights"),
         (("embed", "--model", other, "--audio-dir", library, "--out", index), "built by another run"),
         (("embed", "--model", model, "--audio-dir", empty, "--out", tmp_path / "i2"), "no audio files"),
-        (("embed", "--model", model, "--out", tmp_path / "i3"), "either --features or --audio-dir"),
+        (("embed", "--model", model, "--features", index / "features.h5", "--audio-dir", library, "--out",
+          tmp_path / "i3"), "either --features or --audio-dir, not both"),
         (("embed", "--model", "laion/no-such-clap", "--audio-dir", library, "--out", tmp_path / "i4"),
          "download --model laion/no-such-clap"),
     ]  # fmt: skip
@@ -364,3 +365,19 @@ def test_train_refuses_a_clap_models_input(tmp_path):
     cfg = TrainConfig(features=str(tmp_path), out=str(tmp_path / "run"), val_split=None, device="cpu")
     with pytest.raises(ClothoRetrieveError, match="development.h5: holds a CLAP model's input"):
         train(ModelConfig(backbone="tiny"), cfg)
+
+
+def test_default_index_folder_of_a_clap_model_is_reused(clap, library, tmp_path, monkeypatch):
+    """Without --out, embed writes WORKSPACE/indexes/<model name>, and a re-run brings the same folder in
+    step (the index records the model as embed was given it), and query finds it as the latest index."""
+    monkeypatch.setenv("CLOTHO_RETRIEVE_WORKSPACE", str(tmp_path / "ws"))
+    model, _ = clap
+    args = ("embed", "--model", model, "--audio-dir", library, "--workers", "1", "--device", "cpu")
+    for _ in range(2):
+        code, out, err = invoke(*args)
+        assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "ws" / "indexes").iterdir()) == ["tiny-clap"]
+    assert "5 clips (0 added, 0 updated, 0 removed, 5 unchanged)" in out
+    code, out, err = invoke("query", "dog barking", "--json", "-k", "1")
+    assert code == 0, err
+    assert json.loads(out)["hits"][0]["name"] in {n for n, *_ in LIBRARY}
