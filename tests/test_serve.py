@@ -362,11 +362,12 @@ def test_audio_root_override_for_an_index_whose_features_moved(lib, tmp_path):
 
     moved = shutil.copytree(lib.index, tmp_path / "elsewhere" / "index")
     with EmbeddingIndex(moved) as idx:
-        (src,) = find_sources(idx, [], None).values()
+        (src,) = find_sources(idx, ["library.h5"], [], None).values()
         assert src.features is None and src.root is None  # old-style: nothing to go by
-        (src,) = find_sources(idx, [], lib.audio).values()
+        (src,) = find_sources(idx, ["library.h5"], [], lib.audio).values()
         assert src.root == lib.audio
-        (src,) = find_sources(idx, [lib.features.parent], None).values()  # --features finds the root
+        # --features finds the features file, and from it the library root
+        (src,) = find_sources(idx, ["library.h5"], [lib.features.parent], None).values()
         assert src.features == lib.features and src.root == lib.audio.resolve()
 
 
@@ -414,3 +415,18 @@ def test_thumbnail_pixels():
     rows = np.frombuffer(raw, np.uint8).reshape(4, 1 + 3 * 3)
     assert (rows[:, 0] == 0).all()  # filter byte "none"
     np.testing.assert_array_equal(rows[:, 1:].reshape(4, 3, 3), px)
+
+
+def test_bf16_text_tower_agrees_with_float32(lib):
+    from clotho_retrieve.serve.library import Library
+
+    texts = ["tone number 3", "a hum at pitch 5", "Café au lait — naïve 犬の鳴き声"]
+    libs = [Library("a", lib.index), Library("b", lib.index, bf16=True)]
+    try:
+        fp32, bf16 = (x.encode_texts(texts) for x in libs)  # (3, D) each
+    finally:
+        for x in libs:
+            x.close()
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1, atol=1e-6)
+    assert (fp32 * bf16).sum(1).min() > 0.999  # the same direction, to bfloat16's precision

@@ -73,7 +73,11 @@ def audio_roots(args: list[str], names: list[str]) -> dict[str, Path]:
 
 
 def load_libraries(
-    indexes: list[str], features: list[str] | None = None, roots: list[str] | None = None, device: str = "cpu"
+    indexes: list[str],
+    features: list[str] | None = None,
+    roots: list[str] | None = None,
+    device: str = "cpu",
+    bf16: bool = False,
 ):
     """Open every --index (and its run's text tower, shared by indexes of the same run)."""
     import torch
@@ -94,7 +98,8 @@ def load_libraries(
     libraries = {}
     try:
         for name, folder in named.items():
-            libraries[name] = Library(name, folder, feature_paths, by_index.get(name), device, encoders)
+            root = by_index.get(name)
+            libraries[name] = Library(name, folder, feature_paths, root, device, encoders, bf16=bf16)
     except BaseException:
         for lib in libraries.values():
             lib.close()

@@ -23,6 +23,8 @@ class Batcher:
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self.batches = 0  # batches run, and items in them (their ratio: the mean batch size)
+        self.items = 0
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -51,6 +53,8 @@ class Batcher:
             batch = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
             if not batch:
                 continue
+            self.batches += 1
+            self.items += len(batch)
             try:
                 results = self.fn([item for item, _ in batch])
             except Exception as exc:  # handed to every waiter; the worker keeps serving

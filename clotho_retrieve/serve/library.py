@@ -100,10 +100,10 @@ def _features_candidates(name: str, index, features: list[Path]) -> list[Path]:
     return out
 
 
-def find_sources(index, features: list[Path], audio_root: Path | None) -> dict[str, Source]:
-    """A Source for every features file name the index's clips came from (see the module docstring)."""
+def find_sources(index, names: list[str], features: list[Path], audio_root: Path | None) -> dict[str, Source]:
+    """A Source for each features file name the index's clips came from (see the module docstring)."""
     sources = {}
-    for name in backend.source_names(index):
+    for name in names:
         src = Source(name)
         for candidate in _features_candidates(name, index, features):
             if candidate.is_file() and candidate.name == name:
@@ -137,15 +137,23 @@ class Library:
         device: str = "cpu",
         encoders: dict | None = None,
         thumbnail_cache: int = 4096,
+        bf16: bool = False,
     ):
         self.name = name
         self.index = backend.open_index(path)
         self.model_dir = backend.index_model_dir(self.index)
         self.device = device
+        self.bf16 = bf16  # the text tower in bfloat16 (serve --bf16)
         self._encoders = encoders if encoders is not None else {}  # (model folder, part) -> Encoder
         self._encoder_lock = threading.Lock()
         self.text_encoder = self.encoder("text")  # loaded now: text queries are the common case
-        self.sources = find_sources(self.index, features or [], audio_root)
+        # per-clip metadata in memory (the captions stay on disk): no HDF5 read per result
+        self.names = backend.read_column(self.index, "names")  # (N,) UTF-8 bytes
+        sources = backend.read_column(self.index, "sources")
+        source_names, self.source_of = np.unique(sources, return_inverse=True)
+        self.source_names = [_text(v) for v in source_names]  # the features files; clip i's: source_of[i]
+        self.durations = backend.read_column(self.index, "durations")  # (N,) seconds
+        self.sources = find_sources(self.index, self.source_names, features or [], audio_root)
         self.batcher = Batcher(self._search_texts, name=f"text-{name}")
         self._thumbs: OrderedDict[int, bytes | None] = OrderedDict()
         self._thumb_cache = thumbnail_cache
@@ -156,10 +164,11 @@ class Library:
     # ------------------------------------------------------------------------------------------
     def encoder(self, part: str):
         """The run's ``part`` tower, loaded once (shared by libraries of the same run)."""
-        key = (str(self.model_dir), part, self.device)
+        bf16 = self.bf16 and part == "text"
+        key = (str(self.model_dir), part, self.device, bf16)
         with self._encoder_lock:
             if key not in self._encoders:
-                self._encoders[key] = backend.load_encoder(self.model_dir, part, self.device)
+                self._encoders[key] = backend.load_encoder(self.model_dir, part, self.device, bf16)
             return self._encoders[key]
 
     @property
@@ -170,13 +179,10 @@ class Library:
     def audio_available(self) -> bool:
         """Whether clips' audio is found (checked on the first clips of the index, once)."""
         if self._audio_available is None:
-            rows = list(range(min(self.count, 20)))
-            names = [_text(v) for v in backend.column(self.index, "names", rows)]
-            sources = [_text(v) for v in backend.column(self.index, "sources", rows)]
-            roots = [self.sources[s].root if s in self.sources else None for s in sources]
+            clips = [self.clip(row) for row in range(min(self.count, 20))]
             self._audio_available = any(
-                root is not None and locate(root, name)[0] is not None
-                for root, name in zip(roots, names, strict=True)
+                src is not None and src.root is not None and locate(src.root, name)[0] is not None
+                for name, src in clips
             )
         return self._audio_available
 
@@ -189,15 +195,22 @@ class Library:
             "audio": self.audio_available,
             "thumbnails": any(s.features is not None for s in self.sources.values()),
             "model": str(self.model_dir),
+            "text_queries": self.batcher.items,
+            "text_batches": self.batcher.batches,
         }
 
     # ------------------------------------------------------------------------------------------
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (B, D) unit-norm float32 query vectors (re-normalised in float32 after bfloat16)."""
+        vectors = self.text_encoder.encode_text(texts)
+        if self.bf16:
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors
+
     def _search_texts(self, items: list[tuple[str, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """A batch of (text, k) -> per text (scores, rows): one encoder call, one index search."""
-        texts = [t for t, _ in items]
         k = max(k for _, k in items)
-        vectors = self.text_encoder.encode_text(texts)  # (B, D) unit norm
-        scores, rows = self.index.search(vectors, k)  # (B, k) each
+        scores, rows = self.index.search(self.encode_texts([t for t, _ in items]), k)  # (B, k) each
         return [(scores[i, :ki], rows[i, :ki]) for i, (_, ki) in enumerate(items)]
 
     def search_text(self, text: str, k: int):
@@ -227,23 +240,19 @@ class Library:
     def hits(self, scores: np.ndarray, rows: np.ndarray, prefix: str = "") -> list[dict]:
         """JSON results for ranked rows (-1 rows, slots approximate search left empty, are dropped)."""
         keep = [(float(s), int(r)) for s, r in zip(scores, rows, strict=True) if r >= 0]
-        ids = [r for _, r in keep]
-        names = [_text(v) for v in backend.column(self.index, "names", ids)]
-        sources = [_text(v) for v in backend.column(self.index, "sources", ids)]
-        durations = backend.column(self.index, "durations", ids)
-        captions = backend.column(self.index, "captions", ids)
+        captions = backend.column(self.index, "captions", [r for _, r in keep])
         out = []
         for j, (score, row) in enumerate(keep):
-            src = self.sources.get(sources[j])
-            audio = src is not None and src.root is not None and locate(src.root, names[j])[0] is not None
+            name, src = self.clip(row)
+            audio = src is not None and src.root is not None and locate(src.root, name)[0] is not None
             thumb = src is not None and src.features is not None
             out.append(
                 {
                     "rank": j + 1,
                     "score": round(score, 6),
                     "id": row,
-                    "file": names[j],
-                    "duration": round(float(durations[j]), 3),
+                    "file": name,
+                    "duration": round(float(self.durations[row]), 3),
                     "captions": json.loads(captions[j]),
                     "audio": f"{prefix}/audio/{self.name}/{row}" if audio else None,
                     "thumbnail": f"{prefix}/api/thumbnail/{self.name}/{row}" if thumb else None,
@@ -252,9 +261,8 @@ class Library:
         return out
 
     def clip(self, row: int) -> tuple[str, Source | None]:
-        name = _text(backend.column(self.index, "names", [row])[0])
-        source = _text(backend.column(self.index, "sources", [row])[0])
-        return name, self.sources.get(source)
+        """Clip ``row``'s name and the Source (features file, library root) it came from."""
+        return _text(self.names[row]), self.sources.get(self.source_names[self.source_of[row]])
 
     def audio_file(self, row: int) -> tuple[Path | None, str]:
         """The audio file of clip ``row`` inside its library root, or None and why not."""
