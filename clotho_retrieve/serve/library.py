@@ -140,20 +140,24 @@ class Library:
         bf16: bool = False,
     ):
         self.name = name
-        self.index = backend.open_index(path)
-        self.model_dir = backend.index_model_dir(self.index)
         self.device = device
         self.bf16 = bf16  # the text tower in bfloat16 (serve --bf16)
         self._encoders = encoders if encoders is not None else {}  # (model folder, part) -> Encoder
         self._encoder_lock = threading.Lock()
-        self.text_encoder = self.encoder("text")  # loaded now: text queries are the common case
-        # per-clip metadata in memory (the captions stay on disk): no HDF5 read per result
-        self.names = backend.read_column(self.index, "names")  # (N,) UTF-8 bytes
-        sources = backend.read_column(self.index, "sources")
-        source_names, self.source_of = np.unique(sources, return_inverse=True)
-        self.source_names = [_text(v) for v in source_names]  # the features files; clip i's: source_of[i]
-        self.durations = backend.read_column(self.index, "durations")  # (N,) seconds
-        self.sources = find_sources(self.index, self.source_names, features or [], audio_root)
+        self.index = backend.open_index(path)
+        try:
+            self.model_dir = backend.index_model_dir(self.index)
+            self.text_encoder = self.encoder("text")  # loaded now: text queries are the common case
+            # per-clip metadata in memory (the captions stay on disk): no HDF5 read per result
+            self.names = backend.read_column(self.index, "names")  # (N,) UTF-8 bytes
+            sources = backend.read_column(self.index, "sources")
+            source_names, self.source_of = np.unique(sources, return_inverse=True)  # clip i: source_of[i]
+            self.source_names = [_text(v) for v in source_names]  # the features files' names
+            self.durations = backend.read_column(self.index, "durations")  # (N,) seconds
+            self.sources = find_sources(self.index, self.source_names, features or [], audio_root)
+        except BaseException:
+            self.index.close()
+            raise
         self.batcher = Batcher(self._search_texts, name=f"text-{name}")
         self._thumbs: OrderedDict[int, bytes | None] = OrderedDict()
         self._thumb_cache = thumbnail_cache
