@@ -1,9 +1,9 @@
 """`serve` in a real browser: Debian's chromium + chromium-driver, driven by selenium (headless, offline).
 
 Types a query, waits for the results, plays the first result's audio from /audio/... (readyState >= 2:
-the browser has decoded data at the current position), and checks that "more like this" replaces the
-list with the clip's neighbours. Skipped, with the reason, where chromium or its driver is missing
-(.ci/run installs both).
+the browser has decoded data at the current position), checks that "more like this" replaces the list
+with the clip's neighbours, and that a clip chosen in the drop zone finds itself first. Skipped, with
+the reason, where chromium or its driver is missing (.ci/run installs both).
 
     SERVE_SCREENSHOT=docs/serve.png     save the page as it shows the first results (default: tmp dir)
     SERVE_INDEX=demo/index              run against an existing index (e.g. after `make demo`) instead
@@ -115,3 +115,10 @@ def test_search_listen_and_more_like_this(site, browser, tmp_path):
     similar = call(base, "GET", f"/api/similar/{api['index']}/{clicked}?k=10").json()
     assert result_ids(browser) == [str(h["id"]) for h in similar["results"]]
     assert clicked not in result_ids(browser)
+
+    # a clip chosen in the drop zone: that very recording comes first
+    clip = tmp_path / "query clip.wav"
+    clip.write_bytes(call(base, "GET", f"/audio/{api['index']}/{clicked}").body)
+    browser.find_element(By.ID, "file").send_keys(str(clip))
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("Like query clip.wav"))
+    assert result_ids(browser)[0] == clicked
