@@ -608,6 +608,56 @@ def status_cmd(
         console.print(status_table(st))
 
 
+# ----------------------------------------------------------------------------------------------
+# serve  (owned by clotho_retrieve/serve/)
+# ----------------------------------------------------------------------------------------------
+@command("serve")
+def serve_cmd(
+    index: list[str] = typer.Option(
+        ..., "--index", help="Index folder written by `embed` (repeatable; NAME=DIR names it in the API)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; another than loopback warns."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+    token: str | None = typer.Option(
+        None, "--token", envvar="CLOTHO_RETRIEVE_TOKEN", help="Require this bearer token on every route."
+    ),
+    audio_root: list[str] | None = typer.Option(
+        None, "--audio-root", help="Where the clips' audio is now ([NAME=]DIR: Clotho root or audio folder)."
+    ),
+    features: list[str] | None = typer.Option(
+        None, "--features", help="Features file or folder the index was embedded from (audio, thumbnails)."
+    ),
+    max_upload_mb: float = typer.Option(20, "--max-upload-mb", min=0.001, help="Largest query clip upload."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
+    bf16: bool = typer.Option(
+        False, "--bf16",
+        help="Text tower in bfloat16: faster on CPUs with AVX512-BF16 or AMX; scores move ~1e-4."
+    ),
+) -> None:
+    """7. Search, browse and listen in a browser, with a JSON API (one process keeps the model loaded).
+
+    Example: clotho-retrieve serve --index demo/index   (then open http://127.0.0.1:8000/)
+    """
+    from clotho_retrieve.serve import load_libraries, run_server
+    from clotho_retrieve.serve.security import is_loopback
+    from clotho_retrieve.utils import resolve_device
+
+    if not is_loopback(host):
+        err_console.print(
+            f"[yellow]warning:[/] serving on {host}: anyone who can reach this machine can search and "
+            "download the audio" + ("" if token else "; --token (or CLOTHO_RETRIEVE_TOKEN) requires a token")
+        )
+    with err_console.status("loading the indexes and their text models"):
+        libraries = load_libraries(index, features, audio_root, resolve_device(device), bf16)
+    for lib in libraries.values():
+        audio = "audio available" if lib.audio_available else "audio unavailable (--audio-root)"
+        err_console.print(f"index [bold]{lib.name}[/]: {lib.count:,} clips from {lib.index.path}, {audio}")
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    err_console.print(f"serving on [bold]{url}[/] (Ctrl+C to stop)", highlight=False, soft_wrap=True)
+    run_server(libraries, host, port, token, int(max_upload_mb * 2**20))
+
+
 def main() -> None:
     app(prog_name="clotho-retrieve")
 
