@@ -17,10 +17,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import soundfile as sf
-from test_index import make_run
+from test_embed import make_run
 
-from clotho_retrieve.features import FrontEnd, file_log_mel, write_feature_file
-from clotho_retrieve.index import EmbedConfig, embed
+from clotho_retrieve.embed import EmbedConfig, embed
+from clotho_retrieve.feature_file import write_feature_file
+from clotho_retrieve.frontend import FrontEnd, file_log_mel
 
 REPO = Path(__file__).resolve().parents[1]
 SR = 44100
