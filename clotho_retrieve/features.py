@@ -7,7 +7,8 @@ datasets/folder.py: one for a folder of audio). ``run_job`` computes one:
 1. An existing output with the same front end is reused: clips whose source has the recorded size and
    mtime are copied from it, files that were skipped and have not changed stay skipped; when nothing at
    all changed, nothing is written.
-2. Every other clip is decoded and transformed (frontend.decode_log_mel) by a pool of worker processes
+2. Every other clip is decoded and transformed (``front_end.file_features``: frontend.decode_log_mel, or
+   a CLAP model's ClapFeatureExtractor input, clap.ClapFrontEnd) by a pool of worker processes
    into a shard beside the output (``.OUT.DIGEST.work/<hash>.npz``, or ``.skip`` with the reason), saved
    atomically: a killed run resumes from its shards.
 3. The file is assembled in the job's order (feature_file.write_feature_file: temporary name, then
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from clotho_retrieve.feature_file import UNKNOWN, FeatureFile, source_signature, write_feature_file
-from clotho_retrieve.frontend import PRESETS, FrontEnd, decode_log_mel
+from clotho_retrieve.frontend import PRESETS, FrontEnd
 from clotho_retrieve.utils import ClothoRetrieveError
 
 
@@ -37,8 +38,21 @@ class FeaturesConfig:
     overrides: dict = dataclasses.field(default_factory=dict)  # FrontEnd fields that replace the preset's
     workers: int = 0  # 0: all cores
     strict: bool = False
+    model: str | None = None  # a CLAP model (hub id or folder): its ClapFeatureExtractor input instead
 
-    def front_end(self) -> FrontEnd:
+    def front_end(self):
+        """The FrontEnd of the preset and overrides, or the ClapFrontEnd of ``model``."""
+        if self.model is not None:
+            from clotho_retrieve.clap import clap_front_end, is_clap_model
+
+            if self.overrides or self.preset != "paper":
+                raise ClothoRetrieveError("features: --model sets the front end; drop --preset and overrides")
+            if not is_clap_model(self.model):
+                raise ClothoRetrieveError(
+                    f"features --model {self.model}: not a CLAP model (a hub id such as "
+                    "laion/clap-htsat-unfused, or a folder whose config.json has model_type clap)"
+                )
+            return clap_front_end(self.model)
         if self.preset not in PRESETS:
             raise ClothoRetrieveError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[self.preset], **self.overrides)
@@ -93,7 +107,7 @@ def _compute_shard(name: str, path: Path, work: Path, front_end: FrontEnd) -> tu
     signature = np.full(2, UNKNOWN, np.int64)
     try:
         signature = source_signature(path)
-        mel, duration = decode_log_mel(path, front_end)
+        mel, duration = front_end.file_features(path)  # log-Mel frames, or a CLAP model's input rows
     except ClothoRetrieveError as exc:
         reason = str(exc)
     except Exception as exc:  # never let one file end the run; report it in the skip table
