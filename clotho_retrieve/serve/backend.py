@@ -7,11 +7,9 @@ feature modules move, only these imports (and the few small wrappers below) chan
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.encoder import RunFingerprint, load_model, resolve_model_dir
 from clotho_retrieve.feature_file import FeatureFile
 from clotho_retrieve.frontend import FrontEnd, file_log_mel
 from clotho_retrieve.index import EmbeddingIndex
@@ -24,7 +22,6 @@ __all__ = [
     "clip_log_mel",
     "column",
     "index_attr",
-    "index_model_dir",
     "load_encoder",
     "open_features",
     "open_index",
@@ -38,32 +35,18 @@ def open_index(path: str | os.PathLike) -> EmbeddingIndex:
     return EmbeddingIndex(path)
 
 
-def index_model_dir(index: EmbeddingIndex) -> Path:
-    """The model folder of the run that built ``index``, after checking its weights' fingerprint
-    (the check `query` makes: embeddings of two different runs are never compared)."""
-    model_dir = Path(index.fingerprint.model_dir)
-    if not (model_dir / "model.safetensors").is_file():
-        raise ClothoRetrieveError(
-            f"{index.path}: the run that built it ({index.run}) is gone from {model_dir}; embed again "
-            "or move the run back"
-        )
-    fp = RunFingerprint.of(resolve_model_dir(model_dir), known=index.fingerprint)
-    if fp.sha256 != index.fingerprint.sha256:
-        raise ClothoRetrieveError(
-            f"{index.path}: built by other weights ({index.fingerprint.sha256[:12]}) than {model_dir} "
-            f"holds now ({fp.sha256[:12]}); embed again with this run"
-        )
-    return model_dir
+def load_encoder(index: EmbeddingIndex, part: str, device: str = "cpu", bf16: bool = False):
+    """One tower (`part` text or audio) of the model that built ``index`` as an Encoder, its weights'
+    fingerprint checked as `query` checks it: a run's (text on the CPU: the index's ONNX text tower when
+    it has one) or a CLAP model's.
 
+    ``bf16``: keep a torch text tower's weights in bfloat16 (half the memory traffic of a forward pass;
+    fast on CPUs with AVX512-BF16 or AMX, slow on others). Embeddings then differ from float32 ones by
+    ~1e-4 in cosine, so near-ties may swap; the ONNX tower is left as it is."""
+    from clotho_retrieve.query import load_index_model
 
-def load_encoder(model_dir: Path, part: str, device: str = "cpu", bf16: bool = False):
-    """One tower of a run (`part` text or audio) as an Encoder: encode_text / encode_audio -> (B, D).
-
-    ``bf16``: keep the weights in bfloat16 (half the memory traffic of a forward pass; fast on CPUs
-    with AVX512-BF16 or AMX, slow on others). Embeddings then differ from float32 ones by ~1e-4 in
-    cosine, so near-ties may swap."""
-    encoder = load_model(model_dir, device=device, parts=(part,), threads=None)
-    if bf16:
+    encoder = load_index_model(index, (part,), device=device)
+    if bf16 and hasattr(encoder, "model"):
         import torch
 
         encoder.model.to(torch.bfloat16)

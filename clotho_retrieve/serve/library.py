@@ -146,7 +146,7 @@ class Library:
         self._encoder_lock = threading.Lock()
         self.index = backend.open_index(path)
         try:
-            self.model_dir = backend.index_model_dir(self.index)
+            self.model = self.index.run  # the run folder or CLAP model that built it
             self.text_encoder = self.encoder("text")  # loaded now: text queries are the common case
             # per-clip metadata in memory (the captions stay on disk): no HDF5 read per result
             self.names = backend.read_column(self.index, "names")  # (N,) UTF-8 bytes
@@ -169,10 +169,10 @@ class Library:
     def encoder(self, part: str):
         """The run's ``part`` tower, loaded once (shared by libraries of the same run)."""
         bf16 = self.bf16 and part == "text"
-        key = (str(self.model_dir), part, self.device, bf16)
+        key = (self.index.fingerprint.sha256, part, self.device, bf16)
         with self._encoder_lock:
             if key not in self._encoders:
-                self._encoders[key] = backend.load_encoder(self.model_dir, part, self.device, bf16)
+                self._encoders[key] = backend.load_encoder(self.index, part, self.device, bf16)
             return self._encoders[key]
 
     @property
@@ -198,7 +198,7 @@ class Library:
             "embed_dim": self.index.embed_dim,
             "audio": self.audio_available,
             "thumbnails": any(s.features is not None for s in self.sources.values()),
-            "model": str(self.model_dir),
+            "model": str(self.model),
             "text_queries": self.batcher.items,
             "text_batches": self.batcher.batches,
         }
