@@ -106,6 +106,9 @@ def build_index(run: Path, out: Path, n: int, dim: int, centres: int, chunk: int
     gc.collect()
 
 
+ONNX_OFF = False  # --no-onnx
+
+
 def prepare(workdir: Path, n: int, dim: int, centres: int) -> Path:
     """The index folder for (n, dim), built once per --workdir."""
     run, index = workdir / f"run-d{dim}", workdir / f"index-{n}-d{dim}"
@@ -116,6 +119,11 @@ def prepare(workdir: Path, n: int, dim: int, centres: int) -> Path:
         t0 = time.perf_counter()
         build_index(run, index, n, dim, centres)
         err_console.log(f"built {index} in {time.perf_counter() - t0:.0f} s")
+    if not ONNX_OFF:  # as `embed` does: the run's text tower in ONNX beside the index
+        from clotho_retrieve.text_onnx import ensure_text_tower
+
+        model_dir = (run / "best").resolve()
+        ensure_text_tower(index, model_dir, RunFingerprint.of(model_dir).sha256)
     return index
 
 
@@ -240,7 +248,10 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=10, help="results per query")
     ap.add_argument("--workdir", type=Path, help="keep the run and index here, and reuse them")
     ap.add_argument("--serve-args", default="", help='more `serve` options, e.g. "--bf16"')
+    ap.add_argument("--no-onnx", action="store_true", help="no ONNX text tower: the torch text tower")
     args = ap.parse_args()
+    global ONNX_OFF
+    ONNX_OFF = args.no_onnx
     clients = [int(c) for c in args.clients.split(",") if c]
 
     with tempfile.TemporaryDirectory() as tmp:
