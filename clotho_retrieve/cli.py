@@ -8,6 +8,7 @@ start fast. Every stage raises :class:`ClothoRetrieveError` for problems the use
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -177,13 +178,18 @@ def features_cmd(
     n_mels: int | None = typer.Option(None, help="Override the number of Mel bands."),
     f_min: float | None = typer.Option(None, help="Override the lowest Mel frequency (Hz)."),
     f_max: float | None = typer.Option(None, help="Override the highest Mel frequency (Hz)."),
-    workers: int = typer.Option(0, help="Worker processes; 0 = all cores."),
+    workers: int = typer.Option(0, help="Worker processes; 0 = all cores (shared by torchrun's ranks)."),
     strict: bool = typer.Option(False, help="Stop at the first bad file instead of skipping it."),
+    shard: str | None = typer.Option(
+        None, help="Compute only part I/N (e.g. 3/8, one job of a SLURM array); `merge` assembles the parts. "
+        "Under torchrun each rank takes its part by itself and rank 0 assembles."
+    ),
 ) -> None:
     """2. Compute log-Mel spectrograms into an HDF5 cache.
 
     Examples: clotho-retrieve features --root data/clotho --out data/features ;
-    clotho-retrieve features --audio-dir ~/sounds --out sounds.h5 --preset panns
+    clotho-retrieve features --audio-dir ~/sounds --out sounds.h5 --preset panns ;
+    torchrun --nproc_per_node 4 -m clotho_retrieve features --root data/clotho --out data/features
     """
     from clotho_retrieve.features import FeaturesConfig, compute_features, print_report
 
@@ -201,8 +207,32 @@ def features_cmd(
         ).items()
         if v is not None
     }
-    cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict)
-    print_report(compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None))
+    cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict,
+                         shard=shard or "")
+    with _sigterm_as_interrupt():
+        results = compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None)
+    print_report(results)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, torchrun ending the other ranks) acts as Ctrl-C meanwhile: the clips
+    finished so far are saved before the process ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,6 +614,23 @@ def explain_cmd(
 
     path = explain(checkpoint, features, clip, out, split=split, which=which, device=device)
     err_console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# merge  (owned by clotho_retrieve/features.py)
+# ----------------------------------------------------------------------------------------------
+@command("merge")
+def merge_cmd(
+    out: Path = typer.Option(..., "--out", help="The --out of the `features --shard I/N` runs."),
+) -> None:
+    """Assemble the features files of a run split with `features --shard I/N`, once every part finished.
+
+    Example (a SLURM array of 8): clotho-retrieve features --root R --out F --shard $SLURM_ARRAY_TASK_ID/8 ;
+    then clotho-retrieve merge --out F
+    """
+    from clotho_retrieve.features import merge_features, print_report
+
+    print_report(merge_features(out))
 
 
 def main() -> None:
