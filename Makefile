@@ -15,6 +15,7 @@ help:
 	@echo "make demo     - the whole pipeline on synthetic demo data, offline, on the CPU"
 	@echo "make table    - the paper's Table I (four variants) on the demo data"
 	@echo "make clotho   - the real recipe on Clotho v2.1 (GPU + internet)"
+	@echo "make gpu-check - the paper's training path measured on a GPU in minutes (toy sizes without CUDA)"
 	@echo "make lint     - ruff"
 	@echo "make clean    - remove .venv, caches and demo outputs"
 
@@ -90,6 +91,16 @@ clotho: $(STAMP)
 	$(CLI) table --features $(FEATURES) --out $(RUNS) --backbone cnn14 --audio-weights cnn14 \
 	    --text-model bert-base-uncased --train-splits development,validation --val-split none \
 	    --epochs $(EPOCHS) --batch-size 60 --lr 1e-4 --tau 0.07 --seed 0
+
+# ---------------------------------------------------------------------------------------------
+# The paper's training path measured the moment a GPU is at hand (benchmarks/gpu_check.py): CNN14 x
+# BERT-base at batch 60 on 20-30 s clips with AMP and in fp32 (step time, clips/s, peak memory, loss),
+# `train` under torchrun (DDP over NCCL) and its resume, evaluate / embed / encoder throughput on CUDA.
+# Offline (random weights, demo data), under 10 minutes (--budget-s 540). Without CUDA the same checks at
+# toy sizes on the CPU. Report (gpu_check.json), table (.txt) and log in $OUT, else gpu-check-results/.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out "$${OUT:-gpu-check-results}"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info $(DEMO)

@@ -33,11 +33,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from clotho_retrieve.features import FeaturesConfig, compute_features  # noqa: E402
 from clotho_retrieve.frontend import PRESETS, FrontEnd, log_mel  # noqa: E402
-from rich.console import Console  # noqa: E402
 
 console = Console(width=150)
 
@@ -78,6 +78,28 @@ def timed(fn, repeat: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def measure(preset: str, audio: Path, tmp: Path, args, cores: int) -> list[tuple]:
+    """(pipeline, workers, wall s, CPU s or None, audio s, cores used) for one preset."""
+    fe, total = PRESETS[preset], args.clips * args.seconds
+    paths = sorted(audio.glob("*.wav"))
+    wave = sf.read(str(paths[0]), dtype="float32")[0]
+    log_mel(wave, 44100, fe)  # warm-up: imports, Mel filter bank
+    wall, cpu = timed(lambda _: [log_mel(wave, 44100, fe) for _ in range(5)], args.repeat)
+    rows = [("log_mel only", "1 thread", wall, cpu, 5 * args.seconds, 1)]
+    compute_features(FeaturesConfig(preset=preset, workers=1), audio_dir=audio, out=tmp / f"warm_{preset}.h5")
+    for workers in sorted({1, cores}):
+        def stage(i: int, w: int = workers) -> None:
+            compute_features(FeaturesConfig(preset=preset, workers=w), audio_dir=audio,
+                             out=tmp / f"{preset}_{w}_{i}.h5")
+
+        wall, cpu = timed(stage, args.repeat)
+        rows.append(("whole stage", str(workers), wall, cpu if workers == 1 else None, total, workers))
+    librosa_pipeline(paths[:1], fe, tmp / "warm.h5")  # warm-up: imports, caches
+    wall, cpu = timed(lambda i: librosa_pipeline(paths, fe, tmp / f"librosa_{preset}_{i}.h5"), args.repeat)
+    rows.append(("librosa", "1", wall, cpu, total, 1))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", type=int, default=60, help="number of generated clips")
@@ -95,31 +117,14 @@ def main() -> None:
     for col in ("preset", "pipeline", "workers", "wall s", "x real time", "x real time / core",
                 "audio s / CPU s", "x librosa"):
         table.add_column(col, justify="left" if col in ("preset", "pipeline") else "right")
+    torch.set_num_threads(1)  # per-core figure for the transform alone
     with tempfile.TemporaryDirectory() as tmp:
         audio = Path(tmp) / "audio"
         audio.mkdir()
-        total = make_clips(audio, args.clips, args.seconds)
-        paths = sorted(audio.glob("*.wav"))
-        wave = sf.read(str(paths[0]), dtype="float32")[0]
-        torch.set_num_threads(1)  # per-core figure for the transform alone
+        make_clips(audio, args.clips, args.seconds)
         for preset in args.presets:
-            fe = PRESETS[preset]
-            rows = []
-            log_mel(wave, 44100, fe)  # warm-up: imports, Mel filter bank
-            wall, cpu = timed(lambda _: [log_mel(wave, 44100, fe) for _ in range(5)], args.repeat)
-            rows.append(("log_mel only", "1 thread", wall, cpu, 5 * args.seconds, 1))
-            compute_features(FeaturesConfig(preset=preset, workers=1), audio_dir=audio,  # warm-up
-                             out=Path(tmp) / f"warm_{preset}.h5")
-            for workers in sorted({1, cores}):
-                wall, cpu = timed(lambda i, w=workers: compute_features(
-                    FeaturesConfig(preset=preset, workers=w), audio_dir=audio,
-                    out=Path(tmp) / f"{preset}_{w}_{i}.h5"), args.repeat)
-                rows.append(("whole stage", str(workers), wall, cpu if workers == 1 else None, total, workers))
-            librosa_pipeline(paths[:1], fe, Path(tmp) / "warm.h5")  # warm-up: imports, caches
-            wall, cpu = timed(lambda i: librosa_pipeline(paths, fe, Path(tmp) / f"librosa_{preset}_{i}.h5"),
-                              args.repeat)
-            reference = total / cpu
-            rows.append(("librosa", "1", wall, cpu, total, 1))
+            rows = measure(preset, audio, Path(tmp), args, cores)
+            reference = rows[-1][4] / rows[-1][3]  # librosa: audio s / CPU s
             for what, workers, wall, cpu, seconds, n in rows:
                 per_cpu = seconds / cpu if cpu else None
                 table.add_row(preset, what, workers, f"{wall:.2f}", f"{seconds / wall:.0f}",

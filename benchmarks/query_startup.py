@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from clotho_retrieve.index import RunFingerprint, _IndexWriter
+from clotho_retrieve.encoder import RunFingerprint
+from clotho_retrieve.index import IndexWriter
 from clotho_retrieve.utils import console, err_console
 
 
@@ -53,7 +54,7 @@ def random_index(run: Path, out: Path, n: int) -> Path:
     d = int(cfg["embed_dim"])
     emb = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    writer = _IndexWriter(out, RunFingerprint.of(model_dir), str(run), "best", d, cfg["front_end"], cfg)
+    writer = IndexWriter(out, RunFingerprint.of(model_dir), str(run), "best", d, cfg["front_end"], cfg)
     names = [f"clip_{i:05d}.wav" for i in range(n)]
     writer.add_clips(emb, names, ["evaluation.h5"] * n, [20.0] * n, [[f"caption {i}"] for i in range(n)])
     writer.close()

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from clotho_retrieve.data import PairDataset, PairSampler, SpecAugment, make_loader, pad_batch
+from clotho_retrieve.data import PairDataset, PairSampler, SpecAugment, make_loader
+from clotho_retrieve.encoder import pad_batch
 from clotho_retrieve.feature_file import FeatureFile, write_feature_file
 from clotho_retrieve.frontend import FrontEnd
 from clotho_retrieve.losses import NTXentLoss

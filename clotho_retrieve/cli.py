@@ -16,6 +16,8 @@ from pathlib import Path
 import typer
 
 from clotho_retrieve import __version__
+from clotho_retrieve.cli_options import Fields, config_options
+from clotho_retrieve.config import ModelConfig, TableConfig, TrainConfig
 from clotho_retrieve.utils import ClothoRetrieveError, err_console
 
 app = typer.Typer(
@@ -62,13 +64,32 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+_workspace_root: Path | None = None  # --workspace, set by the root callback before any command runs
+
+
 @app.callback()
 def _root(
     version: bool | None = typer.Option(
         None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
+    workspace: Path | None = typer.Option(
+        None,
+        "--workspace",
+        "-w",
+        help="Workspace folder (default: $CLOTHO_RETRIEVE_WORKSPACE, else the current folder): Clotho in "
+        "data/clotho, features in data/features, runs in runs/, indexes in indexes/.",
+    ),
 ) -> None:
     """Language-based audio retrieval on Clotho."""
+    global _workspace_root
+    _workspace_root = workspace
+
+
+def _ws():
+    """The workspace every stage takes its default inputs and outputs from (see workspace.py)."""
+    from clotho_retrieve.workspace import Workspace
+
+    return Workspace(_workspace_root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,8 +97,8 @@ def _root(
 # ----------------------------------------------------------------------------------------------
 @command("download")
 def download_cmd(
-    root: Path = typer.Option(
-        Path("data/clotho"), "--root", help="Clotho folder: ROOT/SPLIT/*.wav and the CSVs."
+    root: Path | None = typer.Option(
+        None, "--root", help="Clotho folder: ROOT/SPLIT/*.wav and the CSVs. Default: data/clotho."
     ),
     split: str | None = typer.Option(
         None,
@@ -116,6 +137,7 @@ def download_cmd(
     from clotho_retrieve.utils import console
 
     if split is not None or not (weights or text_model):
+        root = root or _ws().clotho
         report = download_clotho(
             root, split or "all", mirror=mirror, keep_archives=keep_archives, retries=retries
         )
@@ -138,7 +160,9 @@ def download_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("demo-data")
 def demo_data_cmd(
-    out: Path = typer.Option(..., "--out", help="Folder to write (Clotho v2.1 layout: splits + CSVs)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Folder to write (Clotho v2.1 layout: splits + CSVs). Default: data/clotho."
+    ),
     n_development: int = typer.Option(250, help="Clips in the development split."),
     n_validation: int = typer.Option(50, help="Clips in the validation split."),
     n_evaluation: int = typer.Option(100, help="Clips in the evaluation split."),
@@ -147,11 +171,12 @@ def demo_data_cmd(
 ) -> None:
     """Write the synthetic demo dataset in Clotho's on-disk layout.
 
-    Example: clotho-retrieve demo-data --out demo/data
+    Example: clotho-retrieve demo-data   (then: features, train, embed, query)
     """
     from clotho_retrieve.demo import DemoConfig, make_demo_data
     from clotho_retrieve.utils import console
 
+    out = out or _ws().clotho
     sizes = make_demo_data(out, DemoConfig(n_development, n_validation, n_evaluation, duration, seed))
     console.print(f"demo data: {', '.join(f'{n} {s}' for s, n in sizes.items())} clips in {out}")
 
@@ -161,8 +186,15 @@ def demo_data_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("features")
 def features_cmd(
-    out: Path = typer.Option(..., "--out", help="A folder (with --root) or a FILE.h5 (with --audio-dir)."),
-    root: Path | None = typer.Option(None, help="Clotho-layout root: split folders + clotho_captions_*.csv."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="A folder (with --root) or a FILE.h5 (with --audio-dir). Default: data/features "
+        "(data/features/DIRNAME.h5 with --audio-dir).",
+    ),
+    root: Path | None = typer.Option(
+        None, help="Clotho-layout root: split folders + clotho_captions_*.csv. Default: data/clotho."
+    ),
     audio_dir: Path | None = typer.Option(
         None, help="Any folder of audio (WAV/FLAC/OGG/MP3, searched recursively) to index your own sounds."
     ),
@@ -209,9 +241,16 @@ def features_cmd(
     }
     cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict,
                          shard=shard or "")
+    ws = _ws()
+    if root is None and audio_dir is None:
+        root = ws.clotho_root()
+    if out is None:
+        out = ws.features / f"{Path(audio_dir).resolve().name}.h5" if audio_dir else ws.features
     with _sigterm_as_interrupt():
         results = compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None)
     print_report(results)
+    if not any("part" in r for r in results):  # a part of a sharded run: the files come later
+        ws.record_latest("features", out)
 
 
 @contextlib.contextmanager
@@ -236,141 +275,52 @@ def _sigterm_as_interrupt():
 
 
 # ----------------------------------------------------------------------------------------------
-# train / evaluate  (owned by clotho_retrieve/train.py)
+# train / evaluate  (owned by clotho_retrieve/train.py and clotho_retrieve/evaluate.py)
 # ----------------------------------------------------------------------------------------------
-# Settings shared by `train` and `table` (which trains every variant with the same ones). Each entry is
-# a typer.Option; both commands name them as defaults, and _build_configs splits the values into a
-# ModelConfig and a TrainConfig by field name.
-TRAINING_OPTIONS = {
-    "backbone": typer.Option("cnn14", "--backbone", help="cnn14 | cnn10 | cnn6 | tiny (CPU demo)."),
-    "audio_weights": typer.Option(
-        None, "--audio-weights", help="PANNs checkpoint for the backbone: .pth path or cnn14 | cnn10 | cnn6."
-    ),
-    "text_model": typer.Option(
-        "bert-base-uncased", "--text-model", help="Hugging Face BERT name or a local model folder."
-    ),
-    "text_trainable_layers": typer.Option(
-        -1, "--text-trainable-layers", help="-1: fine-tune all of BERT; 0: freeze its body; k: top k layers."
-    ),
-    "embed_dim": typer.Option(1024, "--embed-dim", help="D, the joint embedding width."),
-    "d_a": typer.Option(1024, "--d-a", help="D_A, the attention width (a linear map from the backbone's C)."),
-    "dropout": typer.Option(0.2, "--dropout", help="Dropout in the backbone and attention."),
-    "max_text_tokens": typer.Option(64, "--max-text-tokens", help="Captions are cut to this many tokens."),
-    "tau": typer.Option(0.07, "--tau", help="Temperature of the loss (Eq. 6-7)."),
-    "train_splits": typer.Option(
-        "development",
-        "--train-splits",
-        help="Comma-separated splits to train on; the paper: development,validation (with --val-split none).",
-    ),
-    "val_split": typer.Option(
-        "validation", "--val-split", help="Split selecting best/ by mAP@10 each epoch; 'none': best = last."
-    ),
-    "batch_size": typer.Option(60, "--batch-size", help="Global batch size (split across processes)."),
-    "lr": typer.Option(1e-4, "--lr", help="Adam learning rate."),
-    "weight_decay": typer.Option(0.0, "--weight-decay", help="Adam weight decay."),
-    "epochs": typer.Option(40, "--epochs", help="Training epochs."),
-    "schedule": typer.Option(
-        "cosine", "--schedule", help="Learning-rate schedule after warmup: cosine | constant."
-    ),
-    "warmup_epochs": typer.Option(1.0, "--warmup-epochs", help="Linear warmup length in epochs."),
-    "grad_clip": typer.Option(2.0, "--grad-clip", help="Max gradient L2 norm; 0 turns clipping off."),
-    "captions": typer.Option(
-        "all", "--captions", help="all: every (clip, caption) pair per epoch; random: one caption per clip."
-    ),
-    "spec_augment": typer.Option(
-        True, "--spec-augment/--no-spec-augment", help="SpecAugment masking of the training log-Mels."
-    ),
-    "freq_mask": typer.Option(8, "--freq-mask", help="SpecAugment: widest frequency mask (Mel bins)."),
-    "n_freq_masks": typer.Option(2, "--n-freq-masks", help="SpecAugment: frequency masks per clip."),
-    "time_mask": typer.Option(40, "--time-mask", help="SpecAugment: widest time mask (frames)."),
-    "n_time_masks": typer.Option(2, "--n-time-masks", help="SpecAugment: time masks per clip."),
-    "seed": typer.Option(0, "--seed", help="Random seed (initialisation, data order, augmentation)."),
-    "num_workers": typer.Option(
-        -1, "--num-workers", help="Data-loader worker processes; -1: 4 on CUDA, 0 on CPU."
-    ),
-    "amp": typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA (ignored on CPU)."),
-    "device": typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
-    "eval_batch_size": typer.Option(32, "--eval-batch-size", help="Clips per batch when validating."),
-}
-T = TRAINING_OPTIONS
-
-
-def _build_configs(options: dict):
-    """The values of a command's options -> (ModelConfig, TrainConfig), matched by field name."""
-    from dataclasses import fields
-
-    from clotho_retrieve.models import ModelConfig
-    from clotho_retrieve.train import TrainConfig
-
-    values = dict(options)
-    values["features"], values["out"] = str(values["features"]), str(values["out"])
-    values["train_splits"] = tuple(s.strip() for s in values["train_splits"].split(",") if s.strip())
-    values["val_split"] = None if values["val_split"].lower() in ("", "none") else values["val_split"]
-    model_cfg = ModelConfig(**{f.name: values[f.name] for f in fields(ModelConfig) if f.name in values})
-    train_cfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name in values})
-    return model_cfg, train_cfg
-
-
+# Every option of `train` and `table` comes from a field of ModelConfig / TrainConfig / TableConfig
+# (clotho_retrieve/config.py: its default and help, defined once); see clotho_retrieve/cli_options.py.
 @command("train")
-def train_cmd(
-    features: Path = typer.Option(
-        Path("features"), "--features", help="Features folder with development.h5, validation.h5, ..."
-    ),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (refused if it holds a run: --resume)."),
-    resume: bool = typer.Option(
-        False,
-        "--resume",
-        help="Continue the run in --out from its last checkpoint; its saved settings are used, except "
-        "--features, --epochs, --device, --num-workers, --eval-batch-size.",
-    ),
-    attention: str = typer.Option("self", "--attention", help="none | self (Eq. 3-4) | gat (Eq. 1-2)."),
-    loss: str = typer.Option("ntxent", "--loss", help="ntxent (Eq. 6) | supcon (Eq. 7)."),
-    backbone: str = T["backbone"],
-    audio_weights: str | None = T["audio_weights"],
-    text_model: str = T["text_model"],
-    text_trainable_layers: int = T["text_trainable_layers"],
-    embed_dim: int = T["embed_dim"],
-    d_a: int = T["d_a"],
-    dropout: float = T["dropout"],
-    max_text_tokens: int = T["max_text_tokens"],
-    tau: float = T["tau"],
-    train_splits: str = T["train_splits"],
-    val_split: str = T["val_split"],
-    batch_size: int = T["batch_size"],
-    lr: float = T["lr"],
-    weight_decay: float = T["weight_decay"],
-    epochs: int = T["epochs"],
-    schedule: str = T["schedule"],
-    warmup_epochs: float = T["warmup_epochs"],
-    grad_clip: float = T["grad_clip"],
-    captions: str = T["captions"],
-    spec_augment: bool = T["spec_augment"],
-    freq_mask: int = T["freq_mask"],
-    n_freq_masks: int = T["n_freq_masks"],
-    time_mask: int = T["time_mask"],
-    n_time_masks: int = T["n_time_masks"],
-    seed: int = T["seed"],
-    num_workers: int = T["num_workers"],
-    amp: bool = T["amp"],
-    device: str = T["device"],
-    eval_batch_size: int = T["eval_batch_size"],
-) -> None:
+@config_options(train_cfg=Fields(TrainConfig), model_cfg=Fields(ModelConfig))
+def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """3. Train a retrieval model (CNN14 + attention x BERT).
 
-    Example: clotho-retrieve train --features feats --attention self --loss supcon --out runs/self
+    Example: clotho-retrieve train --attention gat   (features from data/features, run in runs/gat-ntxent)
 
     Under torchrun (torchrun --nproc_per_node N -m clotho_retrieve train ...) it runs DistributedDataParallel.
     """
     from clotho_retrieve.train import train
 
-    train(*_build_configs(locals()))
+    ws = _ws()
+    reserved = None
+    if train_cfg.features is None and not train_cfg.resume:
+        train_cfg.features = str(ws.features_dir())
+    if train_cfg.out is None:
+        if train_cfg.resume:
+            train_cfg.out = str(ws.latest_run(finished=False))
+        else:
+            reserved = ws.new_run_dir(model_cfg.attention, train_cfg.loss)
+            train_cfg.out = str(reserved)
+    ws.record_started(train_cfg.out)
+    try:
+        run = train(model_cfg, train_cfg)
+    except ClothoRetrieveError:
+        if reserved is not None:
+            ws.release_run_dir(reserved)
+        raise
+    ws.record_latest("run", run)
 
 
 @command("evaluate")
 def evaluate_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder of `train` (or a model folder)."),
-    features: Path = typer.Option(
-        Path("features"), "--features", help="Features folder (see --split) or one HDF5 features file."
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Run folder of `train` (or a model folder). Default: the latest finished run.",
+    ),
+    features: Path | None = typer.Option(
+        None,
+        "--features",
+        help="Features folder (see --split) or one HDF5 features file. Default: data/features.",
     ),
     split: str = typer.Option("evaluation", "--split", help="Split to score when --features is a folder."),
     which: str = typer.Option("best", "--which", help="Which model of a run folder: best or last."),
@@ -383,13 +333,16 @@ def evaluate_cmd(
 ) -> None:
     """4. Score a trained run: text-to-audio and audio-to-text R@k, mAP@10.
 
-    Example: clotho-retrieve evaluate --checkpoint runs/self --features feats --split evaluation
+    Example: clotho-retrieve evaluate   (the latest finished run on data/features/evaluation.h5)
     """
     import json
 
-    from clotho_retrieve.train import evaluate, results_table
+    from clotho_retrieve.evaluate import evaluate, results_table
     from clotho_retrieve.utils import console
 
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or ws.features_file(split)
     result = evaluate(checkpoint, features, split, which, batch_size, device, submission)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
@@ -400,16 +353,26 @@ def evaluate_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
-# embed / index / query  (owned by clotho_retrieve/index.py and clotho_retrieve/query.py)
+# embed / index / query  (owned by clotho_retrieve/embed.py, index/ and query.py)
 # ----------------------------------------------------------------------------------------------
 @command("embed")
 def embed_cmd(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder from `train` (or a model folder)."),
-    features: Path = typer.Option(
-        ..., "--features", help="A features .h5 file, or a folder of them (all Clotho splits)."
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Run folder from `train` (or a model folder). Default: the latest finished run.",
     ),
-    out: Path = typer.Option(
-        ..., "--out", help="Index folder to create, resume, or bring in step with the features."
+    features: Path | None = typer.Option(
+        None,
+        "--features",
+        help="A features .h5 file, or a folder of them (all Clotho splits). Default: "
+        "data/features/evaluation.h5, or every file of data/features when it holds no Clotho split.",
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Index folder to create, resume, or bring in step with the features. Default: "
+        "indexes/RUN-NAME.",
     ),
     captions: bool = typer.Option(
         False, "--captions", help="Also embed the captions (audio-to-text queries)."
@@ -431,13 +394,18 @@ def embed_cmd(
 
     New clips are appended, clips whose features changed are re-embedded, unchanged ones kept.
 
-    Example: clotho-retrieve embed --checkpoint runs/demo --features demo/features --out demo/index
+    Example: clotho-retrieve embed   (the latest finished run, the evaluation split, into indexes/RUN)
     """
-    from clotho_retrieve.index import EmbedConfig, embed
+    from clotho_retrieve.embed import EmbedConfig, embed
     from clotho_retrieve.utils import console, resolve_device
 
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or ws.embed_features()
+    out = out or ws.index_dir_for(checkpoint)
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
     summary = embed(checkpoint, features, out, cfg, prune=prune)
+    ws.record_latest("index", out)
     console.print(
         f"{summary['index']}: {summary['clips']:,} clips ({summary['added']:,} added, "
         f"{summary['updated']:,} updated, {summary['removed']:,} removed, {summary['unchanged']:,} "
@@ -472,7 +440,9 @@ def index_cmd(
 @command("query")
 def query_cmd(
     text: str | None = typer.Argument(None, help='What to look for, e.g. "dog barking in rain".'),
-    index: Path = typer.Option(..., "--index", help="Index folder written by `embed`."),
+    index: Path | None = typer.Option(
+        None, "--index", help="Index folder written by `embed`. Default: the latest index."
+    ),
     top_k: int = typer.Option(10, "--top-k", "-k", min=1, help="How many results per query."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per query and line, for scripts."),
     queries: Path | None = typer.Option(
@@ -492,7 +462,7 @@ def query_cmd(
 ) -> None:
     """6. Rank the indexed audio for a text prompt (or an example recording).
 
-    Example: clotho-retrieve query "dog barking in rain" --index demo/index --top-k 5
+    Example: clotho-retrieve query "dog barking in rain"   (the latest index; --index DIR for another)
     """
     import json
 
@@ -503,6 +473,7 @@ def query_cmd(
     texts = ([text] if text is not None else []) + (read_queries_file(queries) if queries else [])
     if not texts and not audio:
         raise ClothoRetrieveError("nothing to look for: give a query text, --queries FILE or --audio FILE")
+    index = index or _ws().latest_index()
     device = resolve_device(device)
     target = "captions" if captions else "audio"
     with EmbeddingIndex(index) as idx:
@@ -522,49 +493,12 @@ def query_cmd(
 # table / explain  (owned by clotho_retrieve/experiments.py and clotho_retrieve/plots.py)
 # ----------------------------------------------------------------------------------------------
 @command("table")
-def table_cmd(
-    features: Path = typer.Option(
-        ..., "--features", help="Features folder with development.h5, validation.h5, evaluation.h5."
-    ),
-    out: Path = typer.Option(
-        Path("runs/table"), "--out", help="Folder for one run per variant, table.md and table.csv."
-    ),
-    variants: str = typer.Option(
-        "cnn14,gat,self,self-supcon",
-        "--variants",
-        help="Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7).",
-    ),
-    split: str = typer.Option("evaluation", "--split", help="Split the table is measured on."),
-    backbone: str = T["backbone"],
-    audio_weights: str | None = T["audio_weights"],
-    text_model: str = T["text_model"],
-    text_trainable_layers: int = T["text_trainable_layers"],
-    embed_dim: int = T["embed_dim"],
-    d_a: int = T["d_a"],
-    dropout: float = T["dropout"],
-    max_text_tokens: int = T["max_text_tokens"],
-    tau: float = T["tau"],
-    train_splits: str = T["train_splits"],
-    val_split: str = T["val_split"],
-    batch_size: int = T["batch_size"],
-    lr: float = T["lr"],
-    weight_decay: float = T["weight_decay"],
-    epochs: int = T["epochs"],
-    schedule: str = T["schedule"],
-    warmup_epochs: float = T["warmup_epochs"],
-    grad_clip: float = T["grad_clip"],
-    captions: str = T["captions"],
-    spec_augment: bool = T["spec_augment"],
-    freq_mask: int = T["freq_mask"],
-    n_freq_masks: int = T["n_freq_masks"],
-    time_mask: int = T["time_mask"],
-    n_time_masks: int = T["n_time_masks"],
-    seed: int = T["seed"],
-    num_workers: int = T["num_workers"],
-    amp: bool = T["amp"],
-    device: str = T["device"],
-    eval_batch_size: int = T["eval_batch_size"],
-) -> None:
+@config_options(
+    table_cfg=Fields(TableConfig),
+    train_cfg=Fields(TrainConfig, exclude=("features", "out", "resume", "loss")),
+    model_cfg=Fields(ModelConfig, exclude=("attention",)),
+)
+def table_cmd(table_cfg: TableConfig, train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """Reproduce the paper's Table I: train and evaluate the four variants.
 
     Every variant gets the same settings and seed; only the attention module (none | gat | self) and
@@ -578,8 +512,13 @@ def table_cmd(
     from clotho_retrieve.experiments import METRICS, PAPER_TABLE_I, VARIANTS, run_table
     from clotho_retrieve.utils import console
 
-    model_cfg, train_cfg = _build_configs(locals())
-    results, md_path, csv_path = run_table(features, out, model_cfg, train_cfg, variants, split)
+    split = table_cfg.split
+    ws = _ws()
+    table_cfg.features = table_cfg.features or str(ws.features_dir())
+    table_cfg.out = table_cfg.out or str(ws.runs / "table")
+    results, md_path, csv_path = run_table(
+        table_cfg.features, table_cfg.out, model_cfg, train_cfg, table_cfg.variants, split
+    )
 
     table = Table(title=f"Table I on the {split} split: text-to-audio, %, ours / paper")
     table.add_column("variant")
@@ -594,11 +533,16 @@ def table_cmd(
 
 @command("explain")
 def explain_cmd(
-    checkpoint: Path = typer.Option(
-        ..., "--checkpoint", help="Run folder of `train` (attention self or gat), or a model folder."
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Run folder of `train` (attention self or gat), or a model folder. Default: the latest "
+        "finished run.",
     ),
-    features: Path = typer.Option(
-        ..., "--features", help="Features folder (see --split) or one HDF5 features file."
+    features: Path | None = typer.Option(
+        None,
+        "--features",
+        help="Features folder (see --split) or one HDF5 features file. Default: data/features.",
     ),
     clip: str = typer.Option(..., "--clip", help="Clip file name (or its stem), or its index in the file."),
     out: Path = typer.Option(Path("attention.png"), "--out", help="PNG to write."),
@@ -612,8 +556,34 @@ def explain_cmd(
     """
     from clotho_retrieve.plots import explain
 
+    ws = _ws()
+    checkpoint = checkpoint or ws.latest_run()
+    features = features or ws.features_file(split)
     path = explain(checkpoint, features, clip, out, split=split, which=which, device=device)
     err_console.print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# status  (owned by clotho_retrieve/workspace.py)
+# ----------------------------------------------------------------------------------------------
+@command("status")
+def status_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the status as JSON, for scripts."),
+) -> None:
+    """What the workspace holds (Clotho, features, runs, indexes) and the next command to run.
+
+    Example: clotho-retrieve status
+    """
+    import json
+
+    from clotho_retrieve.utils import console
+    from clotho_retrieve.workspace import status_table
+
+    st = _ws().status()
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+    else:
+        console.print(status_table(st))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,7 +591,9 @@ def explain_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("merge")
 def merge_cmd(
-    out: Path = typer.Option(..., "--out", help="The --out of the `features --shard I/N` runs."),
+    out: Path | None = typer.Option(
+        None, "--out", help="The --out of the `features --shard I/N` runs. Default: data/features."
+    ),
 ) -> None:
     """Assemble the features files of a run split with `features --shard I/N`, once every part finished.
 
@@ -630,7 +602,10 @@ def merge_cmd(
     """
     from clotho_retrieve.features import merge_features, print_report
 
+    ws = _ws()
+    out = out or ws.features
     print_report(merge_features(out))
+    ws.record_latest("features", out)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Training data: (clip, caption) pairs from the HDF5 log-Mel cache, batching, padding, SpecAugment.
+"""Training data: (clip, caption) pairs from the HDF5 log-Mel cache, batching, SpecAugment, and the
+checks that every split a run reads shares one front end (:func:`open_split`, :func:`check_front_ends`).
 
 One item is one (log-Mel, caption) pair. A Clotho clip has five captions, so an epoch either visits
 all five pairs of every clip (``captions="all"``, the default, as in the DCASE 2022 Task 6B baseline)
@@ -16,6 +17,7 @@ of the world size, then every ``world_size``-th index from ``rank``), so each pr
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -24,23 +26,54 @@ import torchaudio.transforms as AT
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from clotho_retrieve.feature_file import FeatureFile
+from clotho_retrieve.encoder import pad_batch
+from clotho_retrieve.feature_file import FeatureFile, features_path
+from clotho_retrieve.frontend import FrontEnd
 from clotho_retrieve.utils import ClothoRetrieveError
+
+__all__ = [
+    "CAPTION_MODES", "PairDataset", "PairSampler", "SpecAugment", "check_front_ends", "collate_pairs",
+    "front_end_diff", "make_loader", "open_split", "pad_batch",
+]  # fmt: skip
 
 CAPTION_MODES = ("all", "random")
 
 
-def pad_batch(arrays: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
-    """Stack (T_i, M) log-Mels into a zero-padded (B, T_max, M) tensor and their lengths (B,).
+def open_split(features: str | os.PathLike, split: str) -> FeatureFile:
+    """The feature file of one split of a features folder, or a clear error naming it."""
+    path = features_path(features, split)
+    if not path.is_file():
+        raise ClothoRetrieveError(
+            f"{path}: no features for split {split!r}; run `clotho-retrieve features` for it"
+        )
+    return FeatureFile(path)
 
-    Zero padding is harmless: the model masks frames beyond ``lengths`` in attention and pooling.
-    """
-    lengths = torch.tensor([a.shape[0] for a in arrays], dtype=torch.long)  # (B,)
-    n_mels = arrays[0].shape[1]
-    logmel = torch.zeros(len(arrays), int(lengths.max()), n_mels, dtype=torch.float32)  # (B, T_max, M)
-    for i, a in enumerate(arrays):
-        logmel[i, : a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
-    return logmel, lengths
+
+def front_end_diff(a: dict, b: dict) -> str:
+    """'key: a != b; ...' over the settings two front ends (FrontEnd.to_dict()) disagree on; '' if none."""
+    return "; ".join(
+        f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    )
+
+
+def check_front_ends(files: list[FeatureFile], expected: dict | None = None, expected_from: str = "") -> dict:
+    """All files must share one front end (and match ``expected`` when given); returns it as a dict."""
+    ref = files[0].front_end.to_dict()
+    for ff in files[1:]:
+        diff = front_end_diff(ref, ff.front_end.to_dict())
+        if diff:
+            raise ClothoRetrieveError(
+                f"{ff.path}: front end differs from {files[0].path} ({diff}); compute all splits with the "
+                "same `clotho-retrieve features` settings"
+            )
+    if expected is not None:
+        diff = front_end_diff(FrontEnd.from_dict(expected).to_dict(), ref)
+        if diff:
+            raise ClothoRetrieveError(
+                f"{files[0].path}: front end does not match {expected_from} ({diff}); recompute the features "
+                "with the run's front end"
+            )
+    return ref
 
 
 class PairDataset(Dataset):

@@ -62,8 +62,9 @@ def resolve_model_dir(path: str | os.PathLike, which: str = "best") -> Path:
     if not path.exists():
         raise ClothoRetrieveError(f"{path}: no such model or run folder")
     raise ClothoRetrieveError(
-        f"{path}: no config.json + {WEIGHTS_FILE} here or in {path / which}; pass a run folder written "
-        "by `clotho-retrieve train` or a model folder"
+        f"{path}: neither a model folder (config.json + {WEIGHTS_FILE}) nor a run folder with one in "
+        f"{which}/ (no {WEIGHTS_FILE}); pass a run folder written by `clotho-retrieve train` or a model "
+        "folder"
     )
 
 

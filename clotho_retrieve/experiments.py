@@ -221,9 +221,10 @@ def run_table(
     only changes ``model_cfg.attention`` and ``train_cfg.loss`` and trains into ``out/<variant>/``.
     Returns (text-to-audio metrics per variant as fractions, table.md path, table.csv path).
     """
+    from clotho_retrieve.evaluate import evaluate
     from clotho_retrieve.feature_file import FeatureFile, features_path
     from clotho_retrieve.plots import plot_training_curves
-    from clotho_retrieve.train import evaluate, train
+    from clotho_retrieve.train import train
 
     features, out = Path(features), Path(out)
     train_cfg = dataclasses.replace(train_cfg, features=str(features.resolve()))

@@ -4,7 +4,8 @@ Both take unit-norm audio and text embeddings, row i of each belonging to the sa
 pair, so C = audio @ text.T holds c_ij = cos(a_i, t_j) and the matching pairs lie on the diagonal.
 
 Across processes (DistributedDataParallel), both losses first all-gather the embeddings and clip ids of
-every process with :func:`gather_with_grad` (as open_clip does with ``gather_with_grad=True``), so the
+every process with :func:`clotho_retrieve.distributed.gather_with_grad` (as open_clip does with
+``gather_with_grad=True``, on ``torch.distributed.nn.functional.all_gather``), so the
 negatives are the whole global batch and every process computes the same global loss; DDP's gradient
 averaging then yields exactly the single-process gradient of that global loss.
 """
@@ -12,44 +13,12 @@ averaging then yields exactly the single-process gradient of that global loss.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from clotho_retrieve.distributed import gather_with_grad
 from clotho_retrieve.utils import ClothoRetrieveError
 
-
-class _AllGather(torch.autograd.Function):
-    """Concatenate x (B_r, ...) of every rank along dim 0; backward: sum the incoming gradients over
-    ranks (each rank computed the same loss) and hand every rank the slice of its own rows."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-        sizes = [int(s.item()) for s in sizes]
-        padded = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather needs equal shapes
-        padded[: x.shape[0]] = x
-        out = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(out, padded.contiguous())
-        ctx.offset, ctx.size = sum(sizes[:rank]), x.shape[0]
-        return torch.cat([o[:n] for o, n in zip(out, sizes, strict=True)])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)  # sum over ranks
-        return grad[ctx.offset : ctx.offset + ctx.size]
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather x (B_r, ...) across processes keeping gradients -> (sum_r B_r, ...), rank order.
-
-    A no-op (returns x) when torch.distributed is not initialised or has a single process.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _AllGather.apply(x)
+__all__ = ["NTXentLoss", "SupConLoss", "build_loss", "gather_with_grad"]
 
 
 def _similarity(audio: Tensor, text: Tensor, tau: float) -> Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.utils import ClothoRetrieveError, atomic_path, resolve_device
+from clotho_retrieve.utils import ClothoRetrieveError, atomic_path
 
 DPI = 100
 CURVES_SIZE = (10.0, 4.0)  # inches -> 1000 x 400 px
@@ -190,20 +190,16 @@ def plot_attention(
     return _save(fig, Path(out))
 
 
-def _run_model_config(checkpoint: Path, which: str) -> dict:
-    """ModelConfig fields of a run folder (RUN/config.json's "model") or of a model folder."""
-    for path in (checkpoint / "config.json", checkpoint / which / "config.json"):
-        if path.is_file():
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise ClothoRetrieveError(f"{path}: not valid JSON ({exc.msg})") from None
-            config = config.get("model", config)
-            if isinstance(config, dict) and "attention" in config:
-                return config
-    raise ClothoRetrieveError(
-        f"{checkpoint}: no config.json with a model configuration; pass a run folder of `train`"
-    )
+def _model_config(model_dir: Path) -> dict:
+    """The ModelConfig fields saved in a model folder's config.json."""
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ClothoRetrieveError(f"{path}: unreadable model config ({exc})") from None
+    if not isinstance(config, dict):
+        raise ClothoRetrieveError(f"{path}: expected a JSON object of model settings")
+    return config
 
 
 def resolve_clip(names: list[str], clip: str | int) -> int:
@@ -237,20 +233,17 @@ def explain(
     HDF5 feature file or a Clotho-layout features folder (then ``split`` picks the file). Runs trained
     with ``--attention none`` have no attention map and are refused.
     """
+    from clotho_retrieve.encoder import load_model, resolve_model_dir
+    from clotho_retrieve.feature_file import FeatureFile, features_path
+
     checkpoint, features = Path(checkpoint), Path(features)
-    if not checkpoint.is_dir():
-        raise ClothoRetrieveError(f"{checkpoint}: no such run folder")
-    attention_kind = _run_model_config(checkpoint, which).get("attention")
+    model_dir = resolve_model_dir(checkpoint, which)
+    attention_kind = _model_config(model_dir).get("attention")
     if attention_kind not in ("self", "gat"):
         raise ClothoRetrieveError(
             f"{checkpoint}: trained with --attention {attention_kind}, which has no attention map; "
             "pick a run trained with --attention self or --attention gat"
         )
-    import torch
-
-    from clotho_retrieve.feature_file import FeatureFile, features_path
-    from clotho_retrieve.models import RetrievalModel
-
     h5 = features_path(features, split) if features.is_dir() else features
     if not h5.is_file():
         raise ClothoRetrieveError(f"{h5}: feature file not found; run `clotho-retrieve features` first")
@@ -264,15 +257,10 @@ def explain(
     finally:
         feature_file.close()
 
-    device = resolve_device(device)
-    model = RetrievalModel.from_pretrained(checkpoint, parts=("audio",), device=device, which=which).eval()
-    with torch.inference_mode():
-        x = torch.from_numpy(logmel)[None].to(device)  # (1, T, M)
-        lengths = torch.tensor([logmel.shape[0]], device=device)  # (1,)
-        attention = model.attention_map(x, lengths)  # (1, T', T') or None
+    encoder = load_model(model_dir, device=device, parts=("audio",))
+    attention = encoder.attention_map(logmel)  # (T', T') or None
     if attention is None:
         raise ClothoRetrieveError(f"{checkpoint}: the model returned no attention map (attention none?)")
-    attention = attention[0].float().cpu().numpy()  # (T', T')
 
     module = {"self": "self-attention (Eq. 3-4)", "gat": "graph attention (Eq. 1-2)"}[attention_kind]
     return plot_attention(
@@ -280,6 +268,6 @@ def explain(
         attention,
         out,
         hop_seconds=front_end.hop_length / front_end.sample_rate,
-        frame_stride=model.audio.backbone.time_stride,
+        frame_stride=encoder.model.audio.backbone.time_stride,
         title=f"{name}: {module}, run {checkpoint.resolve().name}",
     )

@@ -1,9 +1,10 @@
 """Query an embedding index: text-to-audio (the paper's task), audio-to-audio and audio-to-text.
 
-A text query is encoded by the run's text tower only (BERT [CLS] -> projector -> unit norm); no audio
-model is built. An example recording is turned into a log-Mel with the index's front end and encoded by
-the audio tower. Either way the ranking is by cosine similarity (dot product of unit vectors) against the
-index (see clotho_retrieve/index.py). The run is found from the index, or given and checked against the
+Queries are encoded by the run's Encoder (clotho_retrieve/encoder.py). A text query loads the text
+tower only (BERT [CLS] -> projector -> unit norm; no audio model, and no transformers import for BERT).
+An example recording is turned into a log-Mel with the index's front end and encoded by the audio
+tower. Either way the ranking is by cosine similarity (dot product of unit vectors) against the index
+(clotho_retrieve/index/; see docs/). The run is found from the index, or given and checked against the
 fingerprint the index recorded, so embeddings of two different runs are never compared.
 """
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.index import EmbeddingIndex, RunFingerprint, exact_search, resolve_model_dir
+from clotho_retrieve.encoder import RunEncoder, RunFingerprint, load_model, resolve_model_dir
+from clotho_retrieve.index import EmbeddingIndex, exact_search
 from clotho_retrieve.utils import ClothoRetrieveError, err_console
 
 
@@ -48,14 +50,12 @@ def load_index_model(
     parts: tuple[str, ...],
     checkpoint: str | os.PathLike | None = None,
     device: str = "cpu",
-):
-    """The model of the run that built ``index`` (only ``parts``), after checking its weights' fingerprint.
+) -> RunEncoder:
+    """The Encoder of the run that built ``index`` (only ``parts``), after checking its weights' fingerprint.
 
     Without ``checkpoint`` the model folder recorded in the index is used. The fingerprint is the
     SHA-256 of model.safetensors; the recorded size and mtime spare re-hashing an unchanged file.
     """
-    from clotho_retrieve.models import RetrievalModel
-
     if checkpoint is None:
         model_dir = Path(index.fingerprint.model_dir)
         if not (model_dir / "model.safetensors").is_file():
@@ -73,12 +73,14 @@ def load_index_model(
             f"{index.path}: built by another run (weights {index.fingerprint.sha256[:12]}) than {where} "
             f"(weights {fp.sha256[:12]}); embed again with this run, or pass the right --checkpoint"
         )
-    # a text-only model is for inference: BERT text models skip transformers (models/bert.py)
-    return RetrievalModel.from_pretrained(model_dir, parts=parts, device=device, fast_text=True)
+    # One CPU thread for text: a query is a few tokens, and on a busy CPU every multi-threaded op waits
+    # for a descheduled worker (see RunEncoder). A text-only model skips transformers (models/bert.py).
+    threads = 1 if tuple(parts) == ("text",) else None
+    return load_model(model_dir, parts=tuple(parts), device=device, threads=threads)
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoding queries
+# Queries
 # ----------------------------------------------------------------------------------------------
 def clean_queries(texts: list[str]) -> list[str]:
     """Strip whitespace; an empty query is an error (it carries no meaning to rank by)."""
@@ -88,45 +90,15 @@ def clean_queries(texts: list[str]) -> list[str]:
     return cleaned
 
 
-def encode_texts(model, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """Texts -> (Q, D) unit-norm embeddings; warns when a query is cut to the model's token limit."""
-    import torch
-
-    limit = model.text.max_tokens
+def warn_long_queries(encoder, texts: list[str]) -> None:
+    """Warn about each query longer than the encoder's token limit (it is cut to the limit)."""
+    limit = encoder.max_text_tokens
     for t in texts:
-        n = model.text.n_tokens(t)
+        n = encoder.n_tokens(t)
         if n > limit:
             err_console.print(
                 f"[yellow]warning:[/] query {t[:40]!r}... has {n} tokens; only the first {limit} are used"
             )
-    # One CPU thread: a query is a few tokens, and on a busy CPU every multi-threaded op waits for a
-    # descheduled worker (MiniLM, one query, 2 threads on a loaded 2-core machine: 0.6 s; 1 thread: 0.02 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = []
-    try:
-        with torch.inference_mode():
-            for a in range(0, len(texts), batch_size):
-                out.append(model.encode_text(texts[a : a + batch_size]).float().cpu().numpy())
-    finally:
-        torch.set_num_threads(threads)
-    return np.concatenate(out)  # (Q, D)
-
-
-def encode_audio_files(model, paths: list[str | os.PathLike], front_end: dict) -> np.ndarray:
-    """Recordings -> log-Mel with the index's front end -> (Q, D) unit-norm audio embeddings."""
-    import torch
-
-    from clotho_retrieve.frontend import FrontEnd, file_log_mel
-
-    fe = FrontEnd.from_dict(front_end)
-    out = []
-    with torch.inference_mode():
-        for p in paths:
-            mel, _ = file_log_mel(p, fe)  # (T, M)
-            logmel = torch.from_numpy(mel)[None]  # (1, T, M)
-            out.append(model.encode_audio(logmel, torch.tensor([mel.shape[0]])).float().cpu().numpy())
-    return np.concatenate(out)  # (Q, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,15 +149,16 @@ def query_text(
     texts: list[str],
     k: int = 10,
     checkpoint: str | os.PathLike | None = None,
-    model=None,
+    encoder=None,
     target: str = "audio",
     device: str = "cpu",
 ) -> list[QueryResult]:
     """Text-to-audio retrieval: the top-k clips of the index for each text (loads the text tower only)."""
     index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex(index)
     texts = clean_queries(texts)
-    model = model or load_index_model(index, ("text",), checkpoint, device)
-    return rank(index, texts, encode_texts(model, texts), "text", k, target)
+    encoder = encoder or load_index_model(index, ("text",), checkpoint, device)
+    warn_long_queries(encoder, texts)
+    return rank(index, texts, encoder.encode_text(texts), "text", k, target)  # (Q, D) unit norm
 
 
 def query_audio(
@@ -193,18 +166,23 @@ def query_audio(
     paths: list[str | os.PathLike],
     k: int = 10,
     checkpoint: str | os.PathLike | None = None,
-    model=None,
+    encoder=None,
     target: str = "audio",
     device: str = "cpu",
 ) -> list[QueryResult]:
-    """Query by example recordings: audio-to-audio (target audio) or audio-to-text (target captions)."""
+    """Query by example recordings: audio-to-audio (target audio) or audio-to-text (target captions).
+
+    Each recording becomes a log-Mel (T_i, M) with the index's front end, then an embedding."""
+    from clotho_retrieve.frontend import FrontEnd, file_log_mel
+
     index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex(index)
     for p in paths:
         if not Path(p).is_file():
             raise ClothoRetrieveError(f"{p}: no such audio file")
-    model = model or load_index_model(index, ("audio",), checkpoint, device)
-    vectors = encode_audio_files(model, paths, index.front_end)
-    return rank(index, [str(p) for p in paths], vectors, "audio", k, target)
+    encoder = encoder or load_index_model(index, ("audio",), checkpoint, device)
+    front_end = FrontEnd.from_dict(index.front_end)
+    mels = [file_log_mel(p, front_end)[0] for p in paths]  # (T_i, M) each
+    return rank(index, [str(p) for p in paths], encoder.encode_audio(mels), "audio", k, target)
 
 
 def read_queries_file(path: str | os.PathLike) -> list[str]:

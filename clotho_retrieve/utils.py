@@ -1,5 +1,5 @@
-"""Small shared pieces: the user-facing error, atomic writes, consoles, hashing, devices, disk space,
-byte-transfer progress bars."""
+"""Small shared pieces: the user-facing error, atomic writes of files and folders, consoles, hashing,
+devices, disk space, byte-transfer progress bars."""
 
 from __future__ import annotations
 
@@ -58,6 +58,49 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder ``.NAME.tmp`` beside ``path``; on success swap it in as ``path``.
+
+    On an exception the temporary folder is deleted and ``path`` is left as it was. A reader sees the
+    old folder or the new one, never a mix; after a crash (``kill -9``) :func:`recover_dir` restores the
+    newest complete one. Nested blocks are swapped in innermost first.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Swap a fully written folder ``tmp`` in as ``final`` by two renames (``final`` -> ``.NAME.old``,
+    ``tmp`` -> ``final``), then drop the old one. See :func:`recover_dir` for a crash in between."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(final: str | os.PathLike) -> None:
+    """Undo a crash inside :func:`replace_dir` / :func:`atomic_dir`: keep the newest complete folder
+    (``final``, else ``.NAME.old``) and drop half-written ones."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.exists():
+        os.replace(old, final)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(final.with_name(f".{final.name}.tmp"), ignore_errors=True)
 
 
 def md5sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

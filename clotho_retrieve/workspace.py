@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from clotho_retrieve.datasets.clotho import SPLITS
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text
 
 ENV_VAR = "CLOTHO_RETRIEVE_WORKSPACE"
@@ -51,7 +52,6 @@ STATE_FORMAT = "clotho-retrieve-workspace"
 KINDS = ("run", "index", "features")  # what record_latest records; "started" is record_started's
 HISTORY = 100  # entries kept per kind
 PROG = "clotho-retrieve"
-SPLITS = ("development", "validation", "evaluation")
 EXAMPLE_QUERY = "dog barking in rain"
 NOTE_FRESH_S = 120.0  # torchrun: processes of one job start asking for the run folder within this
 TABLE_RESULT = "table_result.json"  # experiments.RESULT_FILE: a `table` variant trained and evaluated
@@ -187,7 +187,7 @@ class Workspace:
 
     def command(self, *args: str) -> str:
         """The command line to suggest, e.g. ``clotho-retrieve features`` (+ ``--workspace ROOT``)."""
-        words = [PROG, *args] + (["--workspace", str(self.root)] if self.source == "option" else [])
+        words = [PROG, *(["--workspace", str(self.root)] if self.source == "option" else []), *args]
         return " ".join(_quote(w) for w in words)
 
     def _need(self, what: str, *command: str, also: str = "") -> ClothoRetrieveError:
@@ -223,6 +223,14 @@ class Workspace:
             where = self.show(self.features)
             raise self._need(f"no {split} features in {where}", "features", "--split", split)
         return path
+
+    def embed_features(self) -> Path:
+        """embed's default --features: the evaluation split, or, in a workspace whose data/features holds
+        no Clotho split (a sound library: `features --audio-dir`), every feature file in it."""
+        files = [p.stem for p in self.feature_files()]
+        if files and not any(s in files for s in SPLITS):
+            return self.features
+        return self.features_file("evaluation")
 
     def new_run_dir(self, attention: str, loss: str) -> Path:
         """Reserve ROOT/runs/ATTENTION-LOSS, or -2, -3, ... when taken; the folder is created (mkdir is

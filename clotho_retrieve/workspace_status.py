@@ -65,8 +65,9 @@ def clotho_status(root: Path) -> list[dict]:
     Verified: the manifest `download` writes is there, the captions CSV still has the MD5 it records,
     and every clip the CSV lists is on disk. `demo-data` writes no manifest: present, not verified.
     """
-    from clotho_retrieve.download import MANIFEST_NAME, captions_name, clip_names, missing_clips
-    from clotho_retrieve.features import AUDIO_SUFFIXES
+    from clotho_retrieve.audio import AUDIO_SUFFIXES
+    from clotho_retrieve.datasets.clotho import captions_name, clip_names
+    from clotho_retrieve.download import MANIFEST_NAME, missing_clips
     from clotho_retrieve.utils import md5sum
 
     out = []
@@ -128,7 +129,8 @@ def feature_file_status(path: Path) -> dict:
     """One features file, from its attributes and dataset shapes only."""
     import h5py
 
-    from clotho_retrieve.features import FORMAT, PRESETS, FrontEnd
+    from clotho_retrieve.feature_file import FORMAT
+    from clotho_retrieve.frontend import PRESETS, FrontEnd
 
     entry = _file_entry(path.name)
     try:

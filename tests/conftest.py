@@ -30,3 +30,60 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny training set and run shared by test_train.py and test_evaluate.py (see tiny_runs.py)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_path):
+    """A randomly initialised 2-layer BERT with MiniLM's tokenizer: fast to save, load and train."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def six_clip_features(tmp_path_factory):
+    """development.h5 and validation.h5 holding the same six clips (so overfitting shows on validation)."""
+    from tiny_runs import clips
+
+    from clotho_retrieve.feature_file import write_feature_file
+    from clotho_retrieve.frontend import FrontEnd
+
+    root = tmp_path_factory.mktemp("features")
+    mels, captions = clips()
+    names = [f"clip_{i}.wav" for i in range(len(mels))]
+    for split in ("development", "validation"):
+        write_feature_file(root / f"{split}.h5", names, mels, [1.0] * len(mels), FrontEnd(), captions)
+    return root
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tmp_path_factory, six_clip_features, minilm_path):
+    """Tiny backbone x MiniLM (top layer trainable) fitted to the six clips until it ranks them all right."""
+    from tiny_runs import model_cfg, torch_threads
+
+    from clotho_retrieve.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("overfit") / "run"
+    cfg = TrainConfig(
+        features=str(six_clip_features), out=str(out), batch_size=4, lr=1e-3, epochs=16, loss="supcon",
+        warmup_epochs=0, spec_augment=False, eval_batch_size=6,
+    )  # fmt: skip
+    with torch_threads(1):
+        return train(model_cfg(minilm_path, text_trainable_layers=1, dropout=0.0), cfg)

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_index import make_run
+from test_embed import make_run
 
-from clotho_retrieve.index import RunFingerprint, _IndexWriter
+from clotho_retrieve.encoder import RunFingerprint
+from clotho_retrieve.index import IndexWriter
 from clotho_retrieve.models import RetrievalModel
 from clotho_retrieve.models.bert import BertConfig, BertTextEncoder
 from clotho_retrieve.models.text import TextEncoder
@@ -125,7 +126,7 @@ def test_text_query_imports_nothing_heavy(run, tmp_path):
     model_dir = (folder / "best").resolve()
     cfg = model.cfg.to_dict()
     vectors = np.eye(5, cfg["embed_dim"], dtype=np.float32)
-    writer = _IndexWriter(
+    writer = IndexWriter(
         tmp_path / "index",
         RunFingerprint.of(model_dir),
         str(folder),

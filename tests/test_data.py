@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from clotho_retrieve.data import PairDataset, PairSampler, SpecAugment, collate_pairs, make_loader, pad_batch
+from clotho_retrieve.data import PairDataset, PairSampler, SpecAugment, collate_pairs, make_loader
+from clotho_retrieve.encoder import pad_batch
 from clotho_retrieve.feature_file import FeatureFile, write_feature_file
 from clotho_retrieve.frontend import FrontEnd
 

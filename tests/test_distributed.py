@@ -1,8 +1,9 @@
 """Loss across processes: 2 CPU ranks (gloo) under DDP equal one process on the same global batch.
 
 Each rank embeds half of the global batch; the loss all-gathers embeddings and clip ids with
-``gather_with_grad``, so every rank computes the global loss, and DDP's gradient averaging must then
-give exactly the gradient of the single-process run.
+``distributed.gather_with_grad`` (torch.distributed.nn.functional.all_gather), so every rank computes
+the global loss, and DDP's gradient averaging must then give exactly the gradient of the single-process
+run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from clotho_retrieve.distributed import gather_with_grad
 from clotho_retrieve.losses import NTXentLoss, SupConLoss
 
 WORLD = 2
@@ -99,3 +101,8 @@ def test_ddp_loss_and_gradients_equal_single_process(tmp_path):
                     torch.testing.assert_close(
                         rank_grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=f"{split} {name} {k}"
                     )
+
+
+def test_gather_is_identity_without_distributed():
+    x = torch.randn(3, 2)
+    assert gather_with_grad(x) is x

@@ -122,7 +122,7 @@ class FakeTrainConfig:
 
 
 class FakeTrainer:
-    """Stands in for clotho_retrieve.train: records calls; can be told to be interrupted once."""
+    """Stands in for clotho_retrieve.train and .evaluate: records calls; can be interrupted once."""
 
     def __init__(self, interrupt: str | None = None):
         self.calls: list[tuple[FakeModelConfig, FakeTrainConfig]] = []
@@ -152,9 +152,10 @@ class FakeTrainer:
         return {"text_to_audio": t2a, "audio_to_text": {k: 0.0 for k in t2a}}
 
     def install(self, monkeypatch) -> None:
-        module = types.ModuleType("clotho_retrieve.train")
-        module.train, module.evaluate = self.train, self.evaluate
-        monkeypatch.setitem(sys.modules, "clotho_retrieve.train", module)
+        for name, fn in (("train", self.train), ("evaluate", self.evaluate)):
+            module = types.ModuleType(f"clotho_retrieve.{name}")
+            setattr(module, name, fn)
+            monkeypatch.setitem(sys.modules, f"clotho_retrieve.{name}", module)
 
 
 @pytest.fixture()
@@ -235,7 +236,7 @@ def test_run_table_refuses_other_settings_in_the_same_folder(tmp_path, tiny_feat
 
 
 # ----------------------------------------------------------------------------------------------
-# The real thing, one variant: train.train / train.evaluate / explain on a tiny generated folder
+# The real thing, one variant: train.train / evaluate.evaluate / explain on a tiny generated folder
 # ----------------------------------------------------------------------------------------------
 def test_table_command_trains_and_explains_for_real(tmp_path, minilm_path):
     """`table` with the real trainer (tiny backbone, frozen MiniLM, 1 epoch), then `explain` on its run."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clotho_retrieve.losses import NTXentLoss, SupConLoss, build_loss, gather_with_grad
+from clotho_retrieve.losses import NTXentLoss, SupConLoss, build_loss
 from clotho_retrieve.utils import ClothoRetrieveError
 
 TAU = 0.07
@@ -95,11 +95,6 @@ def test_gradients_match_autograd_of_the_reference_formula():
         minus[i, d] -= eps
         numeric = (supcon_by_hand(plus, t, ids.tolist()) - supcon_by_hand(minus, t, ids.tolist())) / (2 * eps)
         assert a.grad[i, d].item() == pytest.approx(numeric, rel=1e-5, abs=1e-7)
-
-
-def test_gather_is_identity_without_distributed():
-    x = torch.randn(3, 2)
-    assert gather_with_grad(x) is x
 
 
 def test_build_loss():

@@ -109,8 +109,9 @@ def test_explain_refuses_a_run_without_attention(tmp_path):
     from clotho_retrieve.cli import app
 
     run = tmp_path / "cnn14"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"model": {"attention": "none", "backbone": "tiny"}}))
+    (run / "best").mkdir(parents=True)  # a run folder: best/ holds the model (weights never read here)
+    (run / "best" / "config.json").write_text(json.dumps({"attention": "none", "backbone": "tiny"}))
+    (run / "best" / "model.safetensors").write_bytes(b"")
     result = CliRunner().invoke(
         app, ["explain", "--checkpoint", str(run), "--features", str(tmp_path), "--clip", "0"]
     )

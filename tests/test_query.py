@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_index import brute_force, make_run, other_run
+from test_embed import make_run, other_run
+from test_search import brute_force
 from typer.testing import CliRunner
 
 from clotho_retrieve.cli import app
+from clotho_retrieve.embed import EmbedConfig, embed
 from clotho_retrieve.feature_file import write_feature_file
 from clotho_retrieve.frontend import FrontEnd, file_log_mel
-from clotho_retrieve.index import EmbedConfig, EmbeddingIndex, embed
+from clotho_retrieve.index import EmbeddingIndex
 from clotho_retrieve.models import RetrievalModel
 from clotho_retrieve.query import query_text
 

@@ -58,8 +58,8 @@ def _train(ws: Workspace, minilm: str, run: Path, epochs: int, stop_after: int |
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, minilm_path):
     """A workspace after demo-data, features, a finished gat run, a killed gat run and an embed."""
+    from clotho_retrieve.embed import EmbedConfig, embed
     from clotho_retrieve.features import FeaturesConfig, compute_features
-    from clotho_retrieve.index import EmbedConfig, embed
 
     ws = Workspace(tmp_path_factory.mktemp("ws"))
     make_demo_data(ws.clotho, TINY, show_progress=False)
@@ -338,8 +338,10 @@ def test_status_reports_the_pipeline(pipeline):
 
 
 def test_status_shows_faiss_and_verified_clotho_splits(pipeline, tmp_path):
-    from clotho_retrieve.download import RemoteFile, captions_name, download_clotho, metadata_name
+    from clotho_retrieve.datasets.clotho import captions_name, metadata_name
+    from clotho_retrieve.download import download_clotho
     from clotho_retrieve.index import build_ann_index
+    from clotho_retrieve.remote import RemoteFile
     from clotho_retrieve.utils import md5sum
 
     ws = Workspace(tmp_path)
@@ -350,7 +352,7 @@ def test_status_shows_faiss_and_verified_clotho_splits(pipeline, tmp_path):
 
     # `download` adopts a complete split it finds in place (no network: its CSVs are in place, verified)
     (ws.clotho / metadata_name("validation")).write_text("file_name,keywords\n")
-    table = {name: RemoteFile(name, md5sum(ws.clotho / name))
+    table = {name: RemoteFile(name, md5sum(ws.clotho / name), base_url="http://127.0.0.1:9/")
              for name in (captions_name("validation"), metadata_name("validation"))}  # fmt: skip
     download_clotho(ws.clotho, ["validation"], table=table)
     states = {s["split"]: (s["verified"], s["state"]) for s in ws.status()["clotho"]["splits"]}
@@ -365,7 +367,8 @@ def test_status_shows_faiss_and_verified_clotho_splits(pipeline, tmp_path):
 
 
 def test_next_command_follows_the_pipeline(pipeline, tmp_path):
-    from clotho_retrieve.features import FrontEnd, write_feature_file
+    from clotho_retrieve.feature_file import write_feature_file
+    from clotho_retrieve.frontend import FrontEnd
 
     ws = Workspace(tmp_path)
     nxt = lambda: ws.status()["next"].replace(f" --workspace {tmp_path}", "")  # noqa: E731

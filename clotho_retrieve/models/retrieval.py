@@ -14,60 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clotho_retrieve.models.attention import ATTENTIONS, build_attention, masked_mean
-from clotho_retrieve.models.backbones import BACKBONES, build_backbone, load_panns_checkpoint
+from clotho_retrieve.config import ModelConfig
+from clotho_retrieve.encoder import PARTS, WEIGHTS_FILE, resolve_model_dir
+from clotho_retrieve.models.attention import build_attention, masked_mean
+from clotho_retrieve.models.backbones import build_backbone, load_panns_checkpoint
 from clotho_retrieve.models.text import TextEncoder
-from clotho_retrieve.utils import ClothoRetrieveError, err_console
+from clotho_retrieve.utils import ClothoRetrieveError, atomic_dir
 
-PARTS = ("audio", "text")
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "cnn14"  # cnn14 | cnn10 | cnn6 (official PANNs layouts) | tiny (demo/CPU)
-    attention: str = "self"  # none | self (Eq. 3-4) | gat (Eq. 1-2)
-    d_a: int = 1024  # D_A: width of F after the backbone (a linear map C -> D_A when C != D_A)
-    embed_dim: int = 1024  # D: joint space
-    text_model: str = "bert-base-uncased"  # hub name or local folder
-    max_text_tokens: int = 64
-    text_trainable_layers: int = -1  # -1: fine-tune all of BERT; 0: freeze the BERT body; k: top k layers
-    dropout: float = 0.2
-    n_mels: int = 64
-    front_end: dict | None = None  # FrontEnd.to_dict() of the features the model was trained on
-
-    def __post_init__(self):
-        if self.backbone not in BACKBONES:
-            raise ClothoRetrieveError(
-                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
-            )
-        if self.attention not in ATTENTIONS:
-            raise ClothoRetrieveError(
-                f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}"
-            )
-        for name in ("d_a", "embed_dim", "max_text_tokens", "n_mels"):
-            if int(getattr(self, name)) < 1:
-                raise ClothoRetrieveError(f"model setting {name} must be a positive integer")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        """Build from JSON; unknown keys (e.g. from a newer version) are reported and ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            err_console.print(f"[yellow]warning:[/] ignoring unknown model settings: {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+__all__ = ["PARTS", "AudioEncoder", "ModelConfig", "RetrievalModel"]
 
 
 class AudioEncoder(nn.Module):
@@ -175,42 +135,22 @@ class RetrievalModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # persistence
     # ------------------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write config.json, model.safetensors and text/ into ``folder``, replacing it atomically."""
+    def save_pretrained(self, folder: str | os.PathLike, atomic: bool = True) -> None:
+        """Write config.json, model.safetensors and text/ into ``folder``, replacing it atomically
+        (``atomic=False``: straight into ``folder``, which the caller swaps in itself)."""
         from safetensors.torch import save_file
 
+        if atomic:
+            with atomic_dir(folder) as tmp:
+                self.save_pretrained(tmp, atomic=False)
+            return
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"parts": ",".join(self.parts)})
-            if self.text is not None:
-                self.text.save_text_files(tmp / "text")
-            old = folder.with_name(f".{folder.name}.old")
-            if folder.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    @staticmethod
-    def resolve_folder(path: str | os.PathLike, which: str = "best") -> Path:
-        """A model folder, or a run folder (then ``path/which``) -> the model folder."""
-        path = Path(path)
-        if (path / which / "config.json").is_file():
-            return path / which
-        if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-            return path
-        if not path.exists():
-            raise ClothoRetrieveError(f"{path}: no such model or run folder")
-        raise ClothoRetrieveError(
-            f"{path}: neither a model folder (config.json + model.safetensors) nor a run folder with {which}/"
-        )
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2), encoding="utf-8")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"parts": ",".join(self.parts)})
+        if self.text is not None:
+            self.text.save_text_files(folder / "text")
 
     @classmethod
     def from_pretrained(
@@ -230,8 +170,8 @@ class RetrievalModel(nn.Module):
         """
         from safetensors import SafetensorError, safe_open
 
-        folder = cls.resolve_folder(path, which)
-        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+        folder = resolve_model_dir(path, which)
+        config_path, weights_path = folder / "config.json", folder / WEIGHTS_FILE
         try:
             raw = json.loads(config_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
@@ -244,8 +184,6 @@ class RetrievalModel(nn.Module):
             cfg = ModelConfig.from_dict(raw)
         except TypeError as exc:
             raise ClothoRetrieveError(f"{config_path}: bad model settings ({exc})") from None
-        if not weights_path.is_file():
-            raise ClothoRetrieveError(f"{weights_path}: missing; the model folder is incomplete")
         text_dir = folder / "text"
         if "text" in parts and not (text_dir / "config.json").is_file():
             raise ClothoRetrieveError(f"{text_dir}: missing the text model's config.json and tokenizer")

@@ -1,4 +1,4 @@
-"""The embedding index: exact top-k equals brute force, FAISS recall, embed / resume / append, errors."""
+"""embed: reader -> encoder -> writer over a random tiny run; resume, append, re-embed, prune, FAISS."""
 
 from __future__ import annotations
 
@@ -9,98 +9,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_search import brute_force
 
+from clotho_retrieve.embed import EmbedConfig, embed
 from clotho_retrieve.feature_file import write_feature_file
 from clotho_retrieve.frontend import FrontEnd
-from clotho_retrieve.index import (
-    AnnConfig,
-    EmbedConfig,
-    EmbeddingIndex,
-    _IndexWriter,
-    build_ann_index,
-    build_faiss,
-    embed,
-    exact_search,
-    faiss_search,
-)
+from clotho_retrieve.index import AnnConfig, EmbeddingIndex, IndexWriter, build_ann_index
 from clotho_retrieve.models import ModelConfig, RetrievalModel
 from clotho_retrieve.query import rank
 from clotho_retrieve.utils import ClothoRetrieveError
-
-
-def brute_force(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Reference ranking: full score matrix, stable sort (ties keep row order)."""
-    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def clustered(n: int, d: int, n_centres: int, seed: int, noise: float = 0.7) -> np.ndarray:
-    """Noisy unit copies of random unit centres: neighbours are meaningful, unlike uniform vectors."""
-    rng = np.random.default_rng(seed)
-    centres = unit(rng.standard_normal((n_centres, d)))
-    x = centres[rng.integers(n_centres, size=n)] + noise * rng.standard_normal((n, d)) / np.sqrt(d)
-    return unit(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# exact search
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk_rows", [7, 64, 10_000])
-@pytest.mark.parametrize("k", [1, 10, 500])
-def test_exact_search_equals_brute_force(chunk_rows, k):
-    rng = np.random.default_rng(k + chunk_rows)
-    vectors = unit(rng.standard_normal((300, 16)))
-    queries = unit(rng.standard_normal((5, 16)))
-    scores, ids = exact_search(vectors, queries, k, chunk_rows=chunk_rows)
-    want = brute_force(vectors, queries, k)
-    assert ids.shape == want.shape == (5, min(k, 300))
-    np.testing.assert_array_equal(ids, want)
-    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, want, 1), rtol=1e-5, atol=1e-6)
-
-
-def test_exact_search_breaks_ties_by_row_across_chunks():
-    # Small integers make every dot product exact, so duplicated rows tie exactly in any summation order.
-    rng = np.random.default_rng(1)
-    base = rng.integers(-3, 4, size=(6, 8)).astype(np.float32)
-    vectors = base[rng.integers(6, size=100)]  # 100 rows, many exact duplicates, spread over chunks
-    queries = rng.integers(-3, 4, size=(4, 8)).astype(np.float32)
-    for chunk_rows in (3, 16, 100):
-        _, ids = exact_search(vectors, queries, 25, chunk_rows=chunk_rows)
-        np.testing.assert_array_equal(ids, brute_force(vectors, queries, 25))
-
-
-def test_exact_search_streams_from_hdf5(tmp_path):
-    rng = np.random.default_rng(2)
-    vectors = unit(rng.standard_normal((257, 8)))
-    with h5py.File(tmp_path / "v.h5", "w") as h5:
-        h5["v"] = vectors
-        _, ids = exact_search(h5["v"], vectors[:3], 4, chunk_rows=50)
-    np.testing.assert_array_equal(ids[:, 0], [0, 1, 2])  # each vector is its own nearest neighbour
-    np.testing.assert_array_equal(ids, brute_force(vectors, vectors[:3], 4))
-
-
-# ----------------------------------------------------------------------------------------------
-# FAISS
-# ----------------------------------------------------------------------------------------------
-def test_faiss_recall_on_clustered_vectors():
-    vectors = clustered(3000, 32, 60, seed=3)
-    queries = clustered(50, 32, 60, seed=4)
-    truth = brute_force(vectors, queries, 10)
-    for kind in ("ivf", "hnsw"):
-        index, cfg = build_faiss(vectors, AnnConfig(index_type=kind))
-        scores, ids = faiss_search(index, queries, 10)
-        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])
-        assert recall >= 0.9, (kind, recall)
-        # the reported scores are the true cosines of the returned rows
-        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[ids]), atol=1e-5)
-    # IVF visiting every cell is exhaustive, hence exact
-    index, _ = build_faiss(vectors, AnnConfig(index_type="ivf", nlist=20, nprobe=20))
-    np.testing.assert_array_equal(faiss_search(index, queries, 10)[1], truth)
-
 
 # ----------------------------------------------------------------------------------------------
 # embed: a random tiny run over a few synthetic clips
@@ -212,7 +129,7 @@ def test_embed_resumes_after_an_interruption(run, features, tmp_path, monkeypatc
     run_dir, _ = run
     feat_dir, names, _ = features
     out = tmp_path / "index"
-    real_add = _IndexWriter.add_clips
+    real_add = IndexWriter.add_clips
     calls = {"n": 0}
 
     def crash_on_third_chunk(self, emb, names, *args, **kw):
@@ -222,12 +139,12 @@ def test_embed_resumes_after_an_interruption(run, features, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real_add(self, emb, names, *args, **kw)
 
-    monkeypatch.setattr(_IndexWriter, "add_clips", crash_on_third_chunk)
+    monkeypatch.setattr(IndexWriter, "add_clips", crash_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         embed(run_dir, feat_dir / "a" / "evaluation.h5", out, EmbedConfig(chunk_size=4))
     with EmbeddingIndex(out) as idx:
         assert idx.count == 8 and idx.all_names() == names[:8]
-    monkeypatch.setattr(_IndexWriter, "add_clips", real_add)
+    monkeypatch.setattr(IndexWriter, "add_clips", real_add)
     summary = embed(run_dir, feat_dir / "a" / "evaluation.h5", out, EmbedConfig(chunk_size=4))
     assert (summary["added"], summary["unchanged"], summary["clips"]) == (4, 8, 12)
     with h5py.File(out / "index.h5") as h5:
@@ -318,17 +235,17 @@ def test_embed_keeps_the_index_in_step_with_changed_features(run, features, tmp_
     captions[3], captions[7] = ["changed three"], ["changed seven", "again", "and again"]
     write_feature_file(tmp_path / "v2.h5", new_names, new_mels, [1.0] * 12, FrontEnd(), captions=captions)
 
-    real_update = _IndexWriter.update_clips
+    real_update = IndexWriter.update_clips
 
     def crash_after_audio(self, rows, emb, *args, **kw):  # rows written, fingerprints never
         self.h5["audio"][rows] = emb
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_IndexWriter, "update_clips", crash_after_audio)
+    monkeypatch.setattr(IndexWriter, "update_clips", crash_after_audio)
     with pytest.raises(KeyboardInterrupt):
         embed(run_dir, tmp_path / "v2.h5", out, EmbedConfig(chunk_size=1, index_type="hnsw"))
     assert not (out / "faiss.index").exists()  # dropped before any row changed: never stale
-    monkeypatch.setattr(_IndexWriter, "update_clips", real_update)
+    monkeypatch.setattr(IndexWriter, "update_clips", real_update)
     summary = embed(run_dir, tmp_path / "v2.h5", out, EmbedConfig(chunk_size=1, index_type="hnsw"))
     assert [summary[k] for k in ("added", "updated", "removed", "unchanged", "clips")] == [1, 2, 0, 9, 13]
     with EmbeddingIndex(out) as idx:
@@ -369,7 +286,7 @@ def test_an_index_without_clip_fingerprints_is_re_embedded_once(run, features, t
     def interrupt(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_IndexWriter, "update_clips", interrupt)
+    monkeypatch.setattr(IndexWriter, "update_clips", interrupt)
     with pytest.raises(KeyboardInterrupt):
         embed(run_dir, feat_dir / "a", out)
     monkeypatch.undo()
