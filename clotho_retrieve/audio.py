@@ -129,12 +129,29 @@ class AudioFile:
                 f"truncated: header declares {self.frames} frames, only {self.n_read} decode"
             )
 
-    def read_all(self) -> np.ndarray:
-        """The whole (rest of the) file as one mono float32 signal; raises when it is truncated."""
-        parts = list(self.blocks(max(self.frames, 1)))
-        wave = parts[0] if len(parts) == 1 else np.concatenate(parts or [np.zeros(0, np.float32)])
+    def read_all(self, margin: int = 0) -> np.ndarray:
+        """The whole (rest of the) file as one mono float32 signal; raises when it is truncated.
+
+        With ``margin``, the signal starts at index ``margin`` of an array ``2 margin`` samples longer
+        (the margins left unset): room to pad it in place, without copying the signal again.
+        """
+        dtype = "int16" if self._int16 else "float32"
+        raw = self._file.read(max(self.frames - self.n_read, 1), dtype=dtype, always_2d=True)  # (frames, ch)
+        while len(more := self._file.read(1 << 16, dtype=dtype, always_2d=True)):  # a header that undercounts
+            raw = np.concatenate([raw, more])
+        out = np.empty(len(raw) + 2 * margin, np.float32)
+        body = out[margin : margin + len(raw)]
+        if raw.shape[1] == 1 and self._int16:
+            np.multiply(raw[:, 0], INT16_SCALE, out=body)
+        elif raw.shape[1] == 1:
+            body[:] = raw[:, 0]
+        else:  # the mean of float32 channels, as blocks() mixes them
+            body[:] = (np.multiply(raw, INT16_SCALE, dtype=np.float32) if self._int16 else raw).mean(axis=1)
+        if not self._int16 and not np.all(np.isfinite(body)):
+            raise ClothoRetrieveError("audio contains NaN or infinite samples")
+        self.n_read += len(raw)
         self.check_complete()
-        return wave
+        return out
 
     @property
     def duration(self) -> float:

@@ -147,6 +147,7 @@ def run_batches(out: Path, todo: list[tuple[str, Path, int]], total: int, batch_
     progress = Progress(
         TextColumn(f"features {out.name}{part}"), BarColumn(), MofNCompleteColumn(), _speed_column(),
         TimeRemainingColumn(), console=err_console, transient=False,
+        refresh_per_second=2,  # each refresh renders the bar: at rich's default 10/s, a few % of a core
     )
     with progress:
         resumed = total - len(todo)  # reused from the old file or from batches of a killed run

@@ -259,9 +259,29 @@ def _pad(x: np.ndarray, half: int, mode: str) -> np.ndarray:
         return np.pad(x, (half, half), mode=mode)
     out = np.empty(len(x) + 2 * half, np.float32)
     out[half : half + len(x)] = x
-    out[:half] = x[half:0:-1]  # x[half], ..., x[1]
-    out[half + len(x) :] = x[-2 : -half - 2 : -1]  # x[-2], ..., x[-half - 1]
+    return _reflect_margins(out, half)
+
+
+def _reflect_margins(out: np.ndarray, half: int) -> np.ndarray:
+    """Fill the first and last ``half`` samples of ``out`` by reflecting the signal between them, as
+    np.pad(signal, half, "reflect"): x[half], ..., x[1] before, x[-2], ..., x[-half - 1] after."""
+    x = out[half : len(out) - half]
+    out[:half] = x[half:0:-1]
+    out[len(out) - half :] = x[-2 : -half - 2 : -1]
     return out
+
+
+def _decoded_log_mel(audio, front_end: FrontEnd) -> np.ndarray:
+    """log_mel of a whole open file (audio.AudioFile). At the front end's rate with reflect padding, the
+    signal is decoded straight into its padded array (the same frames as log_mel, one copy less)."""
+    fe = front_end
+    if audio.sample_rate != fe.sample_rate or not fe.center or fe.pad_mode != "reflect":
+        return log_mel(audio.read_all(), audio.sample_rate, fe)
+    half = fe.n_fft // 2
+    padded = audio.read_all(margin=half)  # finite: read_all checks what it decodes
+    if len(padded) - 2 * half < fe.min_samples:
+        raise _too_short((len(padded) - 2 * half) / fe.sample_rate, fe)
+    return _frames_to_logmel(_reflect_margins(padded, half), fe)
 
 
 class StreamingLogMel:
@@ -336,7 +356,7 @@ def decode_log_mel(
     """
     with open_audio(path) as audio:
         if audio.frames <= stream_above:
-            mel = log_mel(audio.read_all(), audio.sample_rate, front_end)
+            mel = _decoded_log_mel(audio, front_end)
         else:
             stream = StreamingLogMel(audio.sample_rate, front_end)
             for b in audio.blocks(block):
