@@ -7,9 +7,16 @@ the model.
 
 ``log_mel`` turns a mono waveform at any rate into (T, n_mels) frames: resampled to the front end's rate
 (audio.resample, libsoxr), padded like ``torch.stft`` / librosa (``center``, ``pad_mode``), a power Mel
-spectrogram (torchaudio), then 10*log10(max(x, amin)) without top_db, as PANNs does. ``StreamingLogMel``
-computes the same frames from a signal given in blocks, in bounded memory; ``decode_log_mel`` decodes a
-file (audio.open_audio) and uses one or the other depending on its length.
+spectrogram, then 10*log10(max(x, amin)) without top_db, as PANNs does. ``StreamingLogMel`` computes the
+same frames from a signal given in blocks, in bounded memory; ``decode_log_mel`` decodes a file
+(audio.open_audio) and uses one or the other depending on its length.
+
+The transform is written for speed on one core (the `features` stage runs one clip per process): frames
+are a strided view of the padded signal, the STFT one real FFT per chunk of 128 frames (torch's MKL FFT),
+the Mel filters (``mel_filterbank``, librosa's Slaney / HTK formulas in float64) applied group by group
+over the FFT bins they cover. It matches librosa within 1e-4 dB on the tests' signals (0.05 dB allowed)
+and the torchaudio MelSpectrogram used before within float32 rounding (~1e-3 dB), so files written
+before still hold the same features for the same ``FrontEnd``.
 """
 
 from __future__ import annotations
