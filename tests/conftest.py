@@ -87,3 +87,10 @@ def overfit_run(tmp_path_factory, six_clip_features, minilm_path):
     )  # fmt: skip
     with torch_threads(1):
         return train(model_cfg(minilm_path, text_trainable_layers=1, dropout=0.0), cfg)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _workspace_outside_the_repo(tmp_path_factory):
+    """CLI stages record what they made in the workspace (default: the current folder); tests that do
+    not choose one get a temporary workspace, never the repository."""
+    os.environ["CLOTHO_RETRIEVE_WORKSPACE"] = str(tmp_path_factory.mktemp("workspace"))
