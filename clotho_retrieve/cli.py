@@ -104,7 +104,7 @@ def download_cmd(
         None,
         "--split",
         help="development | validation | evaluation | all. Default: all, unless only --weights or "
-        "--text-model is asked for.",
+        "--model is asked for.",
     ),
     mirror: str | None = typer.Option(
         None,
@@ -123,11 +123,15 @@ def download_cmd(
         help="PANNs checkpoint folder. Default: $CLOTHO_RETRIEVE_CACHE or ~/.cache/clotho-retrieve/panns.",
     ),
     text_model: str | None = typer.Option(
-        None, "--text-model", help="Also pre-fetch this Hugging Face text model (e.g. bert-base-uncased)."
+        None,
+        "--model",
+        "--text-model",
+        help="Also pre-fetch this Hugging Face model for offline use: a text model to train with "
+        "(bert-base-uncased) or a pretrained CLAP model to embed and query with (laion/clap-htsat-unfused).",
     ),
     retries: int = typer.Option(5, "--retries", min=0, help="Retries per file for transient network errors."),
 ) -> None:
-    """1. Download Clotho v2.1 (and optionally PANNs weights or a text model).
+    """1. Download Clotho v2.1 (and optionally PANNs weights, a text model or a CLAP model).
 
     Resumable, MD5-verified and idempotent: a complete ROOT is left alone without a network request.
     """
@@ -152,7 +156,7 @@ def download_cmd(
     for name in weights or []:
         console.print(f"PANNs {name}: {download_panns(name, cache=cache, mirror=mirror, retries=retries)}")
     if text_model:
-        console.print(f"text model {text_model}: {download_text_model(text_model)}")
+        console.print(f"model {text_model}: {download_text_model(text_model)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,7 +205,15 @@ def features_cmd(
     split: list[str] | None = typer.Option(
         None, help="Only this split (repeatable; with --root). Default: every split found."
     ),
-    preset: str = typer.Option("paper", help="Front end: 'paper' (44.1 kHz, Hamming) or 'panns' (32 kHz)."),
+    preset: str | None = typer.Option(
+        None, help="Front end: 'paper' (44.1 kHz, Hamming; the default) or 'panns' (32 kHz)."
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Instead of a preset: the input of this pretrained CLAP model (hub id such as "
+        "laion/clap-htsat-unfused, or its folder), exactly as its ClapFeatureExtractor computes it.",
+    ),
     sample_rate: int | None = typer.Option(None, help="Override the preset's sample rate (Hz)."),
     n_fft: int | None = typer.Option(None, help="Override the FFT size."),
     win_length: int | None = typer.Option(None, help="Override the window length (samples)."),
@@ -221,6 +233,8 @@ def features_cmd(
 
     Examples: clotho-retrieve features --root data/clotho --out data/features ;
     clotho-retrieve features --audio-dir ~/sounds --out sounds.h5 --preset panns ;
+    clotho-retrieve features --root data/clotho --split evaluation --model laion/clap-htsat-unfused
+    --out data/features-clap ;
     torchrun --nproc_per_node 4 -m clotho_retrieve features --root data/clotho --out data/features
     """
     from clotho_retrieve.features import FeaturesConfig, compute_features, print_report
@@ -239,8 +253,9 @@ def features_cmd(
         ).items()
         if v is not None
     }
-    cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict,
-                         shard=shard or "")
+    if model is not None and (preset is not None or overrides):
+        raise ClothoRetrieveError("features: --model sets the front end; drop --preset and the overrides")
+    cfg = FeaturesConfig(preset or "paper", overrides, workers, strict, model=model, shard=shard or "")
     ws = _ws()
     if root is None and audio_dir is None:
         root = ws.clotho_root()
@@ -312,15 +327,19 @@ def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
 
 @command("evaluate")
 def evaluate_cmd(
-    checkpoint: Path | None = typer.Option(
+    checkpoint: str | None = typer.Option(
         None,
+        "--model",
         "--checkpoint",
-        help="Run folder of `train` (or a model folder). Default: the latest finished run.",
+        help="Model to score: a run folder of `train` (or a model folder), or a pretrained CLAP model "
+        "(hub id such as laion/clap-htsat-unfused, or its folder), zero-shot. Default: the latest "
+        "finished run.",
     ),
     features: Path | None = typer.Option(
         None,
         "--features",
-        help="Features folder (see --split) or one HDF5 features file. Default: data/features.",
+        help="Features folder (see --split) or one HDF5 features file, computed with the model's front end "
+        "(a CLAP model's: `features --model MODEL`). Default: data/features.",
     ),
     split: str = typer.Option("evaluation", "--split", help="Split to score when --features is a folder."),
     which: str = typer.Option("best", "--which", help="Which model of a run folder: best or last."),
@@ -328,22 +347,37 @@ def evaluate_cmd(
     submission: Path | None = typer.Option(
         None, "--submission", help="Write DCASE's top-10 CSV: caption,file_name_1,...,file_name_10."
     ),
+    relevance: Path | None = typer.Option(
+        None,
+        "--relevance",
+        help="CSV of judged pairs (header: caption or query, file_name, relevance): score those queries "
+        "with several relevant clips each (DCASE 2025: R@k, mAP@k) instead of one clip per caption.",
+    ),
+    k: int | None = typer.Option(
+        None, "--k", min=1, help="With --relevance: the mAP@k cutoff (default 16, as DCASE 2025)."
+    ),
     batch_size: int = typer.Option(32, "--batch-size", help="Clips per batch."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA if present, else CPU), cpu, cuda, ..."),
 ) -> None:
-    """4. Score a trained run: text-to-audio and audio-to-text R@k, mAP@10.
+    """4. Score a trained run or a CLAP model: text-to-audio and audio-to-text R@k, mAP@10.
 
-    Example: clotho-retrieve evaluate   (the latest finished run on data/features/evaluation.h5)
+    Examples: clotho-retrieve evaluate   (the latest finished run on data/features/evaluation.h5) ;
+    clotho-retrieve evaluate --model laion/clap-htsat-unfused --features data/features-clap ;
+    clotho-retrieve evaluate --relevance judgements.csv --k 16
     """
     import json
 
     from clotho_retrieve.evaluate import evaluate, results_table
+    from clotho_retrieve.metrics import MAP_K
     from clotho_retrieve.utils import console
 
+    if k is not None and relevance is None:
+        raise ClothoRetrieveError("--k goes with --relevance (the one-clip protocol reports mAP@10)")
     ws = _ws()
     checkpoint = checkpoint or ws.latest_run()
     features = features or ws.features_file(split)
-    result = evaluate(checkpoint, features, split, which, batch_size, device, submission)
+    k = k or MAP_K
+    result = evaluate(checkpoint, features, split, which, batch_size, device, submission, relevance, k)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -357,10 +391,19 @@ def evaluate_cmd(
 # ----------------------------------------------------------------------------------------------
 @command("embed")
 def embed_cmd(
-    checkpoint: Path | None = typer.Option(
+    checkpoint: str | None = typer.Option(
         None,
+        "--model",
         "--checkpoint",
-        help="Run folder from `train` (or a model folder). Default: the latest finished run.",
+        help="Model to encode with: a run folder from `train` (or a model folder), or a pretrained CLAP "
+        "model (hub id such as laion/clap-htsat-unfused, or its folder). Default: the latest finished run.",
+    ),
+    audio_dir: Path | None = typer.Option(
+        None,
+        "--audio-dir",
+        help="Instead of --features: a folder of audio (WAV/FLAC/OGG/MP3, recursively). Its features are "
+        "computed (or brought up to date) with the model's front end into OUT/features.h5, bad files "
+        "skipped with a report; the index then mirrors the folder.",
     ),
     features: Path | None = typer.Option(
         None,
@@ -388,22 +431,34 @@ def embed_cmd(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Clips per forward pass."),
     chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="Clips per write (resume granularity)."),
     which: str = typer.Option("best", "--which", help="Checkpoint of a run folder: best | last."),
+    workers: int = typer.Option(
+        0, "--workers", min=0, help="With --audio-dir: feature worker processes; 0 = all cores."
+    ),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto."),
 ) -> None:
-    """5. Embed audio (and captions) with a trained run into a searchable index.
+    """5. Embed audio (and captions) with a trained run or a CLAP model into a searchable index.
 
     New clips are appended, clips whose features changed are re-embedded, unchanged ones kept.
 
-    Example: clotho-retrieve embed   (the latest finished run, the evaluation split, into indexes/RUN)
+    Examples: clotho-retrieve embed   (the latest finished run, the evaluation split, into indexes/RUN) ;
+    clotho-retrieve embed --model laion/clap-htsat-unfused --audio-dir ~/sounds --out sounds-index
     """
-    from clotho_retrieve.embed import EmbedConfig, embed
+    from clotho_retrieve.embed import EmbedConfig, audio_dir_features, embed
     from clotho_retrieve.utils import console, resolve_device
 
+    if features is not None and audio_dir is not None:
+        raise ClothoRetrieveError("embed: pass either --features or --audio-dir, not both")
     ws = _ws()
     checkpoint = checkpoint or ws.latest_run()
-    features = features or ws.embed_features()
+    features = features or (None if audio_dir is not None else ws.embed_features())
     out = out or ws.index_dir_for(checkpoint)
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
+    if audio_dir is not None:
+        from clotho_retrieve.features import print_report
+
+        result = audio_dir_features(checkpoint, audio_dir, out, which, workers)
+        print_report([result])
+        features, prune = result["out"], True  # the index mirrors the folder
     summary = embed(checkpoint, features, out, cfg, prune=prune)
     ws.record_latest("index", out)
     console.print(
@@ -454,8 +509,12 @@ def query_cmd(
     captions: bool = typer.Option(
         False, "--captions", help="Rank the indexed captions instead of clips (needs `embed --captions`)."
     ),
-    checkpoint: Path | None = typer.Option(
-        None, "--checkpoint", help="Run to encode with (default: the run recorded in the index; checked)."
+    checkpoint: str | None = typer.Option(
+        None,
+        "--model",
+        "--checkpoint",
+        help="Model to encode the query with: a run or a CLAP model (default: the one recorded in the "
+        "index; its weights are checked against the index's).",
     ),
     exact: bool = typer.Option(False, "--exact", help="Exact search even when a FAISS index exists."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto."),
@@ -505,29 +564,22 @@ def table_cmd(table_cfg: TableConfig, train_cfg: TrainConfig, model_cfg: ModelCo
     the loss (NT-Xent, Eq. 6 | supervised contrastive, Eq. 7) change. Re-run the same command to
     resume: finished variants are kept, an interrupted one continues from its last checkpoint.
 
-    Example: clotho-retrieve table --features demo/features --out demo/table --backbone tiny --epochs 3
+    Example: clotho-retrieve table --features demo/features --out demo/table --backbone tiny --epochs 3 ;
+    pretrained CLAP models beside them (zero-shot): add --peers laion/clap-htsat-unfused
     """
-    from rich.table import Table
-
-    from clotho_retrieve.experiments import METRICS, PAPER_TABLE_I, VARIANTS, run_table
+    from clotho_retrieve.experiments import rich_table, run_peers, run_table
     from clotho_retrieve.utils import console
 
     split = table_cfg.split
     ws = _ws()
     table_cfg.features = table_cfg.features or str(ws.features_dir())
     table_cfg.out = table_cfg.out or str(ws.runs / "table")
+    peers = run_peers(table_cfg.features, table_cfg.out, table_cfg.peers, split,
+                      train_cfg.eval_batch_size, train_cfg.device)  # fmt: skip
     results, md_path, csv_path = run_table(
-        table_cfg.features, table_cfg.out, model_cfg, train_cfg, table_cfg.variants, split
+        table_cfg.features, table_cfg.out, model_cfg, train_cfg, table_cfg.variants, split, peers
     )
-
-    table = Table(title=f"Table I on the {split} split: text-to-audio, %, ours / paper")
-    table.add_column("variant")
-    for m in METRICS:
-        table.add_column(m, justify="right")
-    for name, metrics in results.items():
-        paper = PAPER_TABLE_I[name]
-        table.add_row(VARIANTS[name].label, *(f"{100 * metrics[m]:.1f} / {paper[m]:.1f}" for m in METRICS))
-    console.print(table)
+    console.print(rich_table(results, split, peers))
     err_console.print(f"wrote {md_path} and {csv_path}")
 
 

@@ -156,6 +156,12 @@ class TableConfig:
     )
     variants: str = setting(
         "cnn14,gat,self,self-supcon",
-        "Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7).",
+        "Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7); "
+        "none: train nothing (peers only).",
     )
     split: str = setting("evaluation", "Split the table is measured on.")
+    peers: str | None = setting(
+        None,
+        "Comma-separated pretrained CLAP models (hub ids such as laion/clap-htsat-unfused, or folders) "
+        "scored zero-shot beside ours: rows 'MODEL (zero-shot)'.",
+    )

@@ -1,11 +1,16 @@
-"""`clotho-retrieve embed`: a run's audio (and caption) embeddings of feature files, into an INDEX folder.
+"""`clotho-retrieve embed`: a model's audio (and caption) embeddings of feature files, into an INDEX folder.
 
+The model is a run of ours or a pretrained CLAP model (clap.py), both behind the one Encoder interface.
 Three parts, as clip-retrieval splits its inference::
 
     FeatureReader (feature files)  ->  Encoder (clotho_retrieve.encoder)  ->  IndexWriter (index/store.py)
-    chunks of names, log-Mels,         (T_i, M) log-Mels -> (n, D)            appends new rows, overwrites
-    sources, durations, captions,      unit-norm rows, batched by length      changed ones, commits a
-    clip fingerprints                                                         chunk at a time
+    chunks of names, log-Mels (or      each clip's input -> (n, D)            appends new rows, overwrites
+    CLAP inputs), sources, durations,  unit-norm rows, batched                changed ones, commits a
+    captions, clip fingerprints                                               chunk at a time
+
+With ``--audio-dir`` the features come first: :func:`audio_dir_features` computes (or brings up to date)
+INDEX/features.h5 for every audio file under the folder with the model's own front end (the features
+stage, with its skip report), and the index then mirrors that folder.
 
 The index is brought in step with the features: clips whose names are new are appended, clips whose
 log-Mel frames changed (:func:`clip_fingerprint`) are re-embedded in place (captions too), and with
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.encoder import RunEncoder, RunFingerprint, load_model, resolve_model_dir
+from clotho_retrieve.encoder import Encoder, RunFingerprint, load_model, resolve_model_dir
 from clotho_retrieve.index import (
     FAISS_META,
     INDEX_FILE,
@@ -38,6 +43,7 @@ from clotho_retrieve.index import (
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text, err_console
 
 ClipRef = tuple[int, int]  # (feature file number, clip number in that file)
+AUDIO_DIR_FEATURES = "features.h5"  # inside INDEX: the features `embed --audio-dir` computes
 
 
 @dataclass
@@ -48,7 +54,7 @@ class EmbedConfig:
     chunk_size: int = 256  # clips per HDF5 write (the resume granularity)
     captions: bool = False  # also embed every caption (for audio-to-text queries)
     index_type: str = "auto"  # exact | ivf | hnsw | auto (exact up to AUTO_EXACT_MAX clips)
-    which: str = "best"  # best | last, when the checkpoint is a run folder
+    which: str = "best"  # best | last, when the model is a run folder
     device: str = "cpu"
 
 
@@ -126,14 +132,20 @@ class FeatureReader:
         self.fingerprints: dict[ClipRef, bytes] = {}
 
     def check_front_end(self, trained_on: dict | None, model: str) -> None:
-        """Refuse features computed otherwise than those the model was trained on (when it says)."""
-        from clotho_retrieve.frontend import FrontEnd
+        """Refuse features computed otherwise than the model's input (when it says: the front end a run was
+        trained on, or a CLAP model's ClapFeatureExtractor input)."""
+        from clotho_retrieve.frontend import front_end_from_dict
 
-        if trained_on and FrontEnd.from_dict(trained_on) != self.front_end:
-            differences = ", ".join(self.front_end.differences(FrontEnd.from_dict(trained_on)))
+        if not trained_on:
+            return
+        expected = front_end_from_dict(trained_on)
+        if expected != self.front_end:
+            differences = ", ".join(self.front_end.differences(expected))
+            hint = "recompute them"
+            if "preset" in trained_on:  # a CLAP model
+                hint = f"embed --audio-dir, or recompute them with `clotho-retrieve features --model {model}`"
             raise ClothoRetrieveError(
-                f"{self.files[0]}: features differ from the front end {model} was trained on "
-                f"({differences}); recompute them"
+                f"{self.files[0]}: features differ from the input of {model} ({differences}); {hint}"
             )
 
     def fingerprint(self) -> None:
@@ -217,7 +229,7 @@ def _progress():
     return Progress(*columns, console=err_console)
 
 
-def _encode_and_write(chunks: Iterator[ClipChunk], encoder: RunEncoder, writer: IndexWriter, advance) -> None:
+def _encode_and_write(chunks: Iterator[ClipChunk], encoder: Encoder, writer: IndexWriter, advance) -> None:
     """Each chunk: audio embeddings (n, D) by the encoder, then appended or written over its rows."""
     for chunk in chunks:
         emb = encoder.encode_audio(chunk.mels)  # (n, D) unit norm
@@ -228,7 +240,7 @@ def _encode_and_write(chunks: Iterator[ClipChunk], encoder: RunEncoder, writer: 
         advance(len(chunk.names))
 
 
-def _embed_captions(encoder: RunEncoder, writer: IndexWriter, progress, chunk_size: int) -> None:
+def _embed_captions(encoder: Encoder, writer: IndexWriter, progress, chunk_size: int) -> None:
     """Embed the captions of clips [captions_done, count) with the text tower, chunk by chunk."""
     task = progress.add_task("embedding captions", total=writer.count - writer.captions_done)
     while (done := writer.captions_done) < writer.count:
@@ -241,7 +253,7 @@ def _embed_captions(encoder: RunEncoder, writer: IndexWriter, progress, chunk_si
 
 
 def _embed_into(
-    reader: FeatureReader, encoder: RunEncoder, writer: IndexWriter, cfg: EmbedConfig, prune: bool
+    reader: FeatureReader, encoder: Encoder, writer: IndexWriter, cfg: EmbedConfig, prune: bool
 ) -> dict:
     """Bring the writer's rows in step with the reader's clips; returns the counts of the summary."""
     reader.fingerprint()
@@ -284,6 +296,33 @@ def _refresh_ann(out: Path, index_type: str, count: int) -> str:
     return chosen
 
 
+def _load_for_embedding(
+    checkpoint: str | os.PathLike, cfg: EmbedConfig, parts: tuple[str, ...], previous: RunFingerprint | None
+):
+    """(encoder, fingerprint of its weights, the model to record, which, the model config to record).
+
+    A run: its ``cfg.which`` model folder, recorded by absolute path. A CLAP model: loaded first (a hub
+    id may need fetching), fingerprinted by its weights file, recorded as given (the hub id) or by the
+    absolute path of its folder.
+    """
+    from clotho_retrieve.clap import clap_source, is_clap_model
+
+    if is_clap_model(checkpoint):
+        with err_console.status(f"loading {checkpoint}"):
+            encoder = load_model(checkpoint, parts=parts, device=cfg.device, batch_size=cfg.batch_size)
+        if encoder.weights is None:
+            raise ClothoRetrieveError(f"{checkpoint}: found no model.safetensors or pytorch_model.bin")
+        fingerprint = RunFingerprint.of_file(encoder.weights, previous)
+        record = {"model": encoder.name, "embed_dim": encoder.embed_dim, "front_end": encoder.front_end,
+                  "max_text_tokens": encoder.max_text_tokens}  # fmt: skip
+        return encoder, fingerprint, clap_source(checkpoint), "", record
+    model_dir = resolve_model_dir(checkpoint, cfg.which)
+    fingerprint = RunFingerprint.of(model_dir, previous)
+    with err_console.status(f"loading {model_dir}"):
+        encoder = load_model(model_dir, parts=parts, device=cfg.device, batch_size=cfg.batch_size)
+    return encoder, fingerprint, str(Path(checkpoint).resolve()), cfg.which, encoder.model.cfg.to_dict()
+
+
 def embed(
     checkpoint: str | os.PathLike,
     features: str | os.PathLike,
@@ -291,32 +330,84 @@ def embed(
     cfg: EmbedConfig | None = None,
     prune: bool = False,
 ) -> dict:
-    """Embed every clip of ``features`` (file or folder) with the run's audio tower into the INDEX ``out``.
+    """Embed every clip of ``features`` (file or folder) with the model's audio tower into the INDEX ``out``.
 
-    New names are appended, changed clips re-embedded in place, and with ``prune`` rows not in the
-    features removed (see the module docstring). A name in several feature files is taken from the
-    first. Returns a summary dict (clips, added, updated, removed, unchanged, ...).
+    ``checkpoint`` is a run folder, a model folder or a CLAP model (hub id or folder). New names are
+    appended, changed clips re-embedded in place, and with ``prune`` rows not in the features removed
+    (see the module docstring). A name in several feature files is taken from the first. Returns a
+    summary dict (clips, added, updated, removed, unchanged, ...).
     """
     cfg = cfg or EmbedConfig()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
     files = feature_files(features)
-    model_dir = resolve_model_dir(checkpoint, cfg.which)
     previous, had_captions = _recorded_run(out)
-    fingerprint = RunFingerprint.of(model_dir, previous)
     with_captions = cfg.captions or had_captions  # an index with caption embeddings keeps them complete
     parts = ("audio", "text") if with_captions else ("audio",)
-    with err_console.status(f"loading {model_dir}"):
-        encoder = load_model(model_dir, parts=parts, device=cfg.device, batch_size=cfg.batch_size)
-    model_cfg = encoder.model.cfg.to_dict()
+    encoder, fingerprint, run, which, model_cfg = _load_for_embedding(checkpoint, cfg, parts, previous)
     with FeatureReader(files) as reader:
-        reader.check_front_end(encoder.front_end, str(model_dir))
-        run = str(Path(checkpoint).resolve())
+        reader.check_front_end(encoder.front_end, str(checkpoint))
         front_end = reader.front_end.to_dict()
-        with IndexWriter(out, fingerprint, run, cfg.which, encoder.embed_dim, front_end, model_cfg) as writer:
+        with IndexWriter(out, fingerprint, run, which, encoder.embed_dim, front_end, model_cfg) as writer:
             writer.captions_wanted = with_captions
             atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
             counts = _embed_into(reader, encoder, writer, cfg, prune)
     index_type = _refresh_ann(out, cfg.index_type, counts["clips"])
     return {"index": str(out), **counts, "index_type": index_type, "fingerprint": fingerprint.sha256}
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of audio: the model's features first
+# ----------------------------------------------------------------------------------------------
+def model_front_end(model: str | os.PathLike, which: str = "best"):
+    """The front end a model's audio input is computed with: a CLAP model's (from its preprocessor
+    config, no weights loaded), or the one a run was trained on (from its config.json)."""
+    from clotho_retrieve.clap import clap_front_end, is_clap_model
+    from clotho_retrieve.frontend import FrontEnd
+
+    if is_clap_model(model):
+        return clap_front_end(model)
+    model_dir = resolve_model_dir(model, which)
+    try:
+        trained_on = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("front_end")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ClothoRetrieveError(f"{model_dir / 'config.json'}: unreadable ({exc})") from None
+    if not trained_on:
+        raise ClothoRetrieveError(
+            f"{model_dir}: records no front end; compute the features with `clotho-retrieve features "
+            "--audio-dir DIR --out FILE.h5` and embed them with --features FILE.h5"
+        )
+    return FrontEnd.from_dict(trained_on)
+
+
+def audio_dir_features(
+    model: str | os.PathLike,
+    audio_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    which: str = "best",
+    workers: int = 0,
+    strict: bool = False,
+) -> dict:
+    """Compute, or bring up to date, INDEX/features.h5 for every audio file under ``audio_dir``
+    (recursively, every format `features` reads) with ``model``'s front end; returns features.run_job's
+    result (its "skipped" lists each bad file and why). Refuses a folder where no file could be read."""
+    from clotho_retrieve.audio import AUDIO_SUFFIXES
+    from clotho_retrieve.datasets.folder import audio_dir_job
+    from clotho_retrieve.features import run_job
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
+    job = audio_dir_job(audio_dir, out / AUDIO_DIR_FEATURES)
+    if not job.names:
+        raise ClothoRetrieveError(f"{audio_dir}: no audio files ({', '.join(AUDIO_SUFFIXES)}) under it")
+    front_end = model_front_end(model, which)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_job(job, front_end, workers=workers, strict=strict)
+    if result["clips"] == 0:
+        raise ClothoRetrieveError(
+            f"{audio_dir}: none of its {len(job.names)} audio files could be read "
+            f"(first: {result['skipped'][0][0]}: {result['skipped'][0][1]})"
+        )
+    return result

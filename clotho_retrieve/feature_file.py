@@ -12,6 +12,8 @@ HDF5 layout::
     /skipped/names, /skipped/reasons  (M,) str  files left out and why
     /skipped/source_size, /skipped/source_mtime_ns  (M,) int64   same, -1 for problems found before decoding
     attrs: every FrontEnd field (mel_norm None is stored as "none"), format, format_version, source, split
+           (a CLAP model's features: every ClapFrontEnd field, preset "clap"; /mel holds its (C * T, F)
+           input rows per clip, see clap.py)
 
 Format version 2 added the source_* datasets (what lets a re-run reuse unchanged clips); version 1 files
 are still read, with every size and mtime unknown (-1), so nothing of theirs is reused.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.frontend import FrontEnd
+from clotho_retrieve.frontend import FrontEnd, front_end_from_dict
 from clotho_retrieve.utils import ClothoRetrieveError
 
 FORMAT = "clotho-retrieve-features"
@@ -99,7 +101,7 @@ class FeatureFile:
 
     def _read_metadata(self, h5) -> None:
         self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()}
-        self.front_end = FrontEnd.from_dict(self.attrs)
+        self.front_end = front_end_from_dict(self.attrs)  # a FrontEnd, or a ClapFrontEnd
         self.names: list[str] = _strings(h5["names"])
         caps = h5["captions"]
         k = caps.shape[1]
@@ -168,7 +170,7 @@ def write_feature_file(
     names: list[str],
     mels: Iterable[np.ndarray],
     durations: list[float],
-    front_end: FrontEnd,
+    front_end: FrontEnd,  # or a clap.ClapFrontEnd: its (C * T, F) input rows are stored the same way
     captions: list[list[str]] | None = None,
     skipped: list[tuple[str, str]] | None = None,
     n_frames: list[int] | None = None,

@@ -8,8 +8,9 @@ datasets/folder.py: one for a folder of audio). For each job:
 1. An existing output with the same front end is reused: clips whose source has the recorded size and
    mtime are copied from it, files that were skipped and have not changed stay skipped; when nothing at
    all changed, nothing is written.
-2. Every other clip is decoded and transformed (frontend.decode_log_mel) in batches, by this process or
-   a pool of worker processes; each batch is saved atomically in the work folder beside the output
+2. Every other clip is decoded and transformed (``front_end.file_features``: frontend.decode_log_mel, or
+   a CLAP model's ClapFeatureExtractor input, clap.ClapFrontEnd) in batches, by this process or a pool
+   of worker processes; each batch is saved atomically in the work folder beside the output
    (feature_parts.py), so a killed run resumes from the batches it left.
 3. Once every clip is computed, the file is assembled in the job's order (feature_file.write_feature_file:
    temporary name, then rename) and the work folder is removed.
@@ -40,7 +41,7 @@ from clotho_retrieve.feature_file import UNKNOWN, source_signature
 from clotho_retrieve.feature_output import Reuse, assemble, open_existing, up_to_date
 from clotho_retrieve.feature_parts import ClipResult, Entry, WorkFolder, work_dir
 from clotho_retrieve.feature_pool import LazyPool, Record, Runner, run_batches
-from clotho_retrieve.frontend import PRESETS, FrontEnd, decode_log_mel
+from clotho_retrieve.frontend import PRESETS, FrontEnd
 from clotho_retrieve.sharding import ProcessGroup, Shard, default_workers, resolve_shard
 from clotho_retrieve.utils import ClothoRetrieveError
 
@@ -53,9 +54,22 @@ class FeaturesConfig:
     overrides: dict = dataclasses.field(default_factory=dict)  # FrontEnd fields that replace the preset's
     workers: int = 0  # 0: all cores (shared by the ranks of a machine under torchrun)
     strict: bool = False
+    model: str | None = None  # a CLAP model (hub id or folder): its ClapFeatureExtractor input instead
     shard: str = ""  # "i/N": compute part i of N and leave assembly to `merge`; "" : torchrun's or none
 
-    def front_end(self) -> FrontEnd:
+    def front_end(self):
+        """The FrontEnd of the preset and overrides, or the ClapFrontEnd of ``model``."""
+        if self.model is not None:
+            from clotho_retrieve.clap import clap_front_end, is_clap_model
+
+            if self.overrides or self.preset != "paper":
+                raise ClothoRetrieveError("features: --model sets the front end; drop --preset and overrides")
+            if not is_clap_model(self.model):
+                raise ClothoRetrieveError(
+                    f"features --model {self.model}: not a CLAP model (a hub id such as "
+                    "laion/clap-htsat-unfused, or a folder whose config.json has model_type clap)"
+                )
+            return clap_front_end(self.model)
         if self.preset not in PRESETS:
             raise ClothoRetrieveError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[self.preset], **self.overrides)
@@ -92,7 +106,7 @@ def _compute_clip(name: str, path: Path, front_end: FrontEnd) -> ClipResult:
     signature = np.full(2, UNKNOWN, np.int64)
     try:
         signature = source_signature(path)
-        mel, duration = decode_log_mel(path, front_end)
+        mel, duration = front_end.file_features(path)  # log-Mel frames, or a CLAP model's input rows
     except ClothoRetrieveError as exc:
         reason = str(exc)
     except Exception as exc:  # never let one file end the run; report it in the skip table

@@ -92,10 +92,15 @@ class FrontEnd:
             kwargs[key] = value
         return cls(**kwargs)
 
-    def differences(self, other: FrontEnd) -> list[str]:
+    def differences(self, other) -> list[str]:
         """Human-readable ``field: mine != other`` lines; empty when both compute the same features."""
         a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+        return [f"{k}: {a[k]!r} != {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+
+    def file_features(self, path: str | os.PathLike) -> tuple[np.ndarray, float]:
+        """Decode one audio file -> ((T, n_mels) log-Mel, duration in s): the features stage's per-file
+        function (errors carry the reason only; ClapFrontEnd offers the same method)."""
+        return decode_log_mel(path, self)
 
     @property
     def min_samples(self) -> int:
@@ -109,6 +114,18 @@ class FrontEnd:
         if self.center:
             return 1 + n_samples // self.hop_length
         return 1 + (n_samples - self.n_fft) // self.hop_length
+
+
+def front_end_from_dict(d: dict):
+    """The front end a dict describes (JSON, HDF5 attributes): a :class:`clotho_retrieve.clap.ClapFrontEnd`
+    when its preset is "clap" (a pretrained CLAP model's input), else a log-Mel :class:`FrontEnd`.
+
+    Use it wherever a stored front end is read back: ``FrontEnd.from_dict`` on a CLAP dict would
+    silently build a log-Mel front end from the fields the two share.
+    """
+    from clotho_retrieve.clap import ClapFrontEnd, is_clap_front_end
+
+    return ClapFrontEnd.from_dict(d) if is_clap_front_end(d) else FrontEnd.from_dict(d)
 
 
 PRESETS: dict[str, FrontEnd] = {

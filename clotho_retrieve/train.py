@@ -189,6 +189,11 @@ def _open_data(run: Path, model_cfg: ModelConfig, cfg: TrainConfig, saved_front_
     if expected is None and model_cfg.front_end is not None:
         expected, expected_from = model_cfg.front_end, "the model config's front end"
     front_end = check_front_ends(train_files + ([val_file] if val_file else []), expected, expected_from)
+    if front_end.get("preset") == "clap":  # clap.CLAP_PRESET: a pretrained CLAP model's input rows
+        raise ClothoRetrieveError(
+            f"{train_files[0].path}: holds a CLAP model's input (`features --model`); train on log-Mel "
+            "features (`features --preset paper` or panns)"
+        )
     if front_end["n_mels"] != model_cfg.n_mels:
         raise ClothoRetrieveError(
             f"{train_files[0].path}: {front_end['n_mels']} Mel bands, the model expects {model_cfg.n_mels}"

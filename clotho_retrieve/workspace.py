@@ -306,12 +306,15 @@ class Workspace:
 
     def index_dir_for(self, run: str | os.PathLike) -> Path:
         """embed's default --out for ``run``: ROOT/indexes/RUN_NAME when free, empty or already this run's
-        index (so a re-run brings it in step), else the next free RUN_NAME-2, -3, ..."""
-        run = Path(run).resolve()
-        base = _slug(run.name)
+        index (so a re-run brings it in step), else the next free RUN_NAME-2, -3, ... A CLAP model is
+        recorded as embed records it (clap_source: its hub id, or its folder's absolute path)."""
+        from clotho_retrieve.clap import clap_source, is_clap_model
+
+        run = clap_source(run) if is_clap_model(run) else str(Path(run).resolve())
+        base = _slug(Path(run).name)
         for n in itertools.count(1):
             path = self.indexes / (base if n == 1 else f"{base}-{n}")
-            if path.is_dir() and (not any(path.iterdir()) or _index_attrs(path).get("run") == str(run)):
+            if path.is_dir() and (not any(path.iterdir()) or _index_attrs(path).get("run") == run):
                 return path
             if not path.exists():
                 with contextlib.suppress(FileExistsError):
