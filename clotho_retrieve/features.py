@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.feature_file import UNKNOWN, source_signature
+from clotho_retrieve.feature_file import UNKNOWN, FeatureFile, source_signature, write_feature_file  # noqa: F401
 from clotho_retrieve.feature_output import Reuse, assemble, open_existing, up_to_date
 from clotho_retrieve.feature_parts import ClipResult, Entry, WorkFolder, work_dir
 from clotho_retrieve.feature_pool import LazyPool, Record, Runner, run_batches
@@ -45,6 +45,7 @@ from clotho_retrieve.frontend import PRESETS, FrontEnd
 from clotho_retrieve.sharding import ProcessGroup, Shard, default_workers, resolve_shard
 from clotho_retrieve.utils import ClothoRetrieveError
 
+# FeatureFile and write_feature_file (feature_file.py) are imported from here too: the stage's output.
 
 @dataclass
 class FeaturesConfig:
