@@ -8,6 +8,7 @@ start fast. Every stage raises :class:`ClothoRetrieveError` for problems the use
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -221,15 +222,20 @@ def features_cmd(
     n_mels: int | None = typer.Option(None, help="Override the number of Mel bands."),
     f_min: float | None = typer.Option(None, help="Override the lowest Mel frequency (Hz)."),
     f_max: float | None = typer.Option(None, help="Override the highest Mel frequency (Hz)."),
-    workers: int = typer.Option(0, help="Worker processes; 0 = all cores."),
+    workers: int = typer.Option(0, help="Worker processes; 0 = all cores (shared by torchrun's ranks)."),
     strict: bool = typer.Option(False, help="Stop at the first bad file instead of skipping it."),
+    shard: str | None = typer.Option(
+        None, help="Compute only part I/N (e.g. 3/8, one job of a SLURM array); `merge` assembles the parts. "
+        "Under torchrun each rank takes its part by itself and rank 0 assembles."
+    ),
 ) -> None:
     """2. Compute log-Mel spectrograms into an HDF5 cache.
 
     Examples: clotho-retrieve features --root data/clotho --out data/features ;
     clotho-retrieve features --audio-dir ~/sounds --out sounds.h5 --preset panns ;
     clotho-retrieve features --root data/clotho --split evaluation --model laion/clap-htsat-unfused
-    --out data/features-clap
+    --out data/features-clap ;
+    torchrun --nproc_per_node 4 -m clotho_retrieve features --root data/clotho --out data/features
     """
     from clotho_retrieve.features import FeaturesConfig, compute_features, print_report
 
@@ -249,14 +255,38 @@ def features_cmd(
     }
     if model is not None and (preset is not None or overrides):
         raise ClothoRetrieveError("features: --model sets the front end; drop --preset and the overrides")
-    cfg = FeaturesConfig(preset or "paper", overrides, workers, strict, model=model)
+    cfg = FeaturesConfig(preset or "paper", overrides, workers, strict, model=model, shard=shard or "")
     ws = _ws()
     if root is None and audio_dir is None:
         root = ws.clotho_root()
     if out is None:
         out = ws.features / f"{Path(audio_dir).resolve().name}.h5" if audio_dir else ws.features
-    print_report(compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None))
-    ws.record_latest("features", out)
+    with _sigterm_as_interrupt():
+        results = compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None)
+    print_report(results)
+    if not any("part" in r for r in results):  # a part of a sharded run: the files come later
+        ws.record_latest("features", out)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, torchrun ending the other ranks) acts as Ctrl-C meanwhile: the clips
+    finished so far are saved before the process ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,6 +715,28 @@ def serve_cmd(
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     err_console.print(f"serving on [bold]{url}[/] (Ctrl+C to stop)", highlight=False, soft_wrap=True)
     run_server(libraries, host, port, token, int(max_upload_mb * 2**20))
+
+
+# ----------------------------------------------------------------------------------------------
+# merge  (owned by clotho_retrieve/features.py)
+# ----------------------------------------------------------------------------------------------
+@command("merge")
+def merge_cmd(
+    out: Path | None = typer.Option(
+        None, "--out", help="The --out of the `features --shard I/N` runs. Default: data/features."
+    ),
+) -> None:
+    """Assemble the features files of a run split with `features --shard I/N`, once every part finished.
+
+    Example (a SLURM array of 8): clotho-retrieve features --root R --out F --shard $SLURM_ARRAY_TASK_ID/8 ;
+    then clotho-retrieve merge --out F
+    """
+    from clotho_retrieve.features import merge_features, print_report
+
+    ws = _ws()
+    out = out or ws.features
+    print_report(merge_features(out))
+    ws.record_latest("features", out)
 
 
 def main() -> None:

@@ -226,14 +226,36 @@ def write_feature_file(
     return path
 
 
+WRITE_BYTES = 4 << 20  # clips smaller than this are gathered into slabs of about this size
+
+
 def _write_mels(h5, mels: Iterable[np.ndarray], offsets: np.ndarray, n_mels: int) -> None:
-    """/mel: clip i's (T_i, n_mels) frames at rows offsets[i]:offsets[i + 1], one clip at a time."""
+    """/mel: clip i's (T_i, n_mels) frames at rows offsets[i]:offsets[i + 1]. Long clips are written as
+    they come; runs of short ones are gathered into slabs of about WRITE_BYTES (few HDF5 calls for many
+    small clips, bounded memory)."""
     mel_ds = h5.create_dataset("mel", shape=(int(offsets[-1]), n_mels), dtype=np.float32)
+    slab: list[np.ndarray] = []
+    start = 0  # first row of the slab
+
+    def flush(end: int) -> None:
+        if end > start:
+            mel_ds[start:end] = np.concatenate(slab) if len(slab) > 1 else slab[0]
+        slab.clear()
+
     for m, a, b in zip(mels, offsets[:-1], offsets[1:], strict=True):
         if m.shape != (b - a, n_mels):
             raise ValueError(f"clip features {m.shape}, expected ({b - a}, {n_mels})")
-        if b > a:
-            mel_ds[a:b] = m
+        if m.nbytes >= WRITE_BYTES // 16:  # long enough to write alone
+            flush(a)
+            if b > a:
+                mel_ds[a:b] = m
+            start = b
+            continue
+        slab.append(m)
+        if (b - start) * n_mels * 4 >= WRITE_BYTES:
+            flush(b)
+            start = b
+    flush(int(offsets[-1]))
 
 
 def _source_array(sources, n: int) -> np.ndarray:

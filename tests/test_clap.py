@@ -250,7 +250,7 @@ def test_front_end_dict_round_trip(encoders):
 
 def test_features_file_holds_clap_inputs(encoders, audio_dir, tmp_path):
     """The (C * T, F) rows fit the HDF5 features layout unchanged; read back, they embed the same."""
-    from clotho_retrieve.features import FeatureFile, write_feature_file
+    from clotho_retrieve.feature_file import FeatureFile, write_feature_file
 
     enc = encoders["fused"]
     names = [name for name, *_ in FILES[:2]]
