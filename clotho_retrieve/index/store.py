@@ -62,12 +62,15 @@ _FP = np.dtype("S32")  # a clip fingerprint: 32 hex digits
 # ----------------------------------------------------------------------------------------------
 # Reading an index
 # ----------------------------------------------------------------------------------------------
-def read_faiss(path: Path):
+def read_faiss(path: Path, mmap: bool = True):
     """A FAISS index file with its IVF inverted lists memory-mapped (a query reads the pages of the lists
     it probes, not a 4 GB file for a million clips; other parts and types are read as usual). Read
-    whole if FAISS refuses to map it. The index is read-only: search, never add."""
+    whole if FAISS refuses to map it, or with ``mmap=False`` (a long-lived server: no page faults on
+    cold lists). The index is read-only: search, never add."""
     import faiss
 
+    if not mmap:
+        return faiss.read_index(str(path))
     try:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     except RuntimeError:  # a type FAISS cannot map (or an unreadable file: the plain read says which)
@@ -81,8 +84,9 @@ class EmbeddingIndex:
     streamed from HDF5 by exact search, or served by faiss.index when one was built.
     """
 
-    def __init__(self, path: str | os.PathLike, in_memory_max: int = 2 << 30):
+    def __init__(self, path: str | os.PathLike, in_memory_max: int = 2 << 30, mmap: bool = True):
         self.path = Path(path)
+        self.mmap = mmap  # FAISS inverted lists memory-mapped (one-shot queries) or read whole (servers)
         h5_path = self.path / INDEX_FILE
         if not h5_path.is_file():
             hint = " (pass the folder `embed --out` wrote)" if self.path.is_file() else ""
@@ -137,7 +141,7 @@ class EmbeddingIndex:
             )
             return None, None
         try:
-            index = read_faiss(self.path / FAISS_FILE)
+            index = read_faiss(self.path / FAISS_FILE, self.mmap)
         except RuntimeError as exc:
             raise ClothoRetrieveError(
                 f"{self.path / FAISS_FILE}: unreadable ({str(exc).splitlines()[0]}); rebuild it with "

@@ -32,7 +32,7 @@ __all__ = [
 
 def open_index(path: str | os.PathLike) -> EmbeddingIndex:
     """An INDEX folder written by `embed` (ClothoRetrieveError when it is not one)."""
-    return EmbeddingIndex(path)
+    return EmbeddingIndex(path, mmap=False)  # long-lived: FAISS lists in memory, no cold page faults
 
 
 def load_encoder(index: EmbeddingIndex, part: str, device: str = "cpu", bf16: bool = False):
