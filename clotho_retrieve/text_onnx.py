@@ -385,6 +385,9 @@ class OnnxTextEncoder:
     def encode_audio(self, inputs) -> np.ndarray:
         raise ClothoRetrieveError(f"{self.name}: an ONNX text tower encodes text only")
 
+    def audio_inputs_from_file(self, path: str | os.PathLike) -> np.ndarray:
+        raise ClothoRetrieveError(f"{self.name}: an ONNX text tower encodes text only")
+
 
 # ----------------------------------------------------------------------------------------------
 # An index's tower: what embed, export, query and serve call

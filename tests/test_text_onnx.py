@@ -247,6 +247,8 @@ def test_incomplete_or_corrupt_towers_are_refused_clearly(minilm, tmp_path):
     assert read_meta(broken) is None
     with pytest.raises(ClothoRetrieveError, match="encodes text only"):
         enc.encode_audio([np.zeros((10, 64), np.float32)])
+    with pytest.raises(ClothoRetrieveError, match="encodes text only"):
+        enc.audio_inputs_from_file(tmp_path / "a.wav")
 
 
 def test_a_model_without_a_fast_tokenizer_is_refused(minilm):
