@@ -17,7 +17,7 @@ import typer
 from clotho_retrieve import __version__
 from clotho_retrieve.cli_options import Fields, config_options
 from clotho_retrieve.config import ModelConfig, TableConfig, TrainConfig
-from clotho_retrieve.utils import ClothoRetrieveError, err_console
+from clotho_retrieve.utils import ClothoRetrieveError, err_console, one_line
 
 app = typer.Typer(
     name="clotho-retrieve",
@@ -33,23 +33,36 @@ app = typer.Typer(
 )
 
 
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
 def command(name: str, **kwargs):
-    """Register a CLI command that reports ClothoRetrieveError as one line and exit status 1."""
+    """Register a CLI command that reports ClothoRetrieveError (and a failed disk write: full disk,
+    no permission) as one line and exit status 1; set CLOTHO_RETRIEVE_DEBUG=1 for the traceback."""
 
     def decorator(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kw):
+            from clotho_retrieve.safety import NO_SPACE, errno_of, is_write_error, no_space
+
             try:
                 return fn(*args, **kw)
             except ClothoRetrieveError as exc:
                 if os.environ.get("CLOTHO_RETRIEVE_DEBUG"):
                     raise
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
+                raise _fail(str(exc)) from None
+            except (OSError, RuntimeError) as exc:
+                if os.environ.get("CLOTHO_RETRIEVE_DEBUG") or not is_write_error(exc):
+                    raise
+                where = getattr(exc, "filename", None) or name
+                if errno_of(exc) in NO_SPACE:
+                    raise _fail(str(no_space(where, None, name))) from None
+                raise _fail(f"{where}: {getattr(exc, 'strerror', None) or one_line(exc)}") from None
             except KeyboardInterrupt:
-                err_console.print(
-                    "[yellow]interrupted[/]: finished work is kept; re-run to resume (train: add --resume)."
-                )
+                err_console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command "
+                                  "to resume")
                 raise typer.Exit(130) from None
 
         return app.command(name, **kwargs)(wrapper)
@@ -181,6 +194,9 @@ def features_cmd(
     f_max: float | None = typer.Option(None, help="Override the highest Mel frequency (Hz)."),
     workers: int = typer.Option(0, help="Worker processes; 0 = all cores."),
     strict: bool = typer.Option(False, help="Stop at the first bad file instead of skipping it."),
+    allow_missing_captions: bool = typer.Option(
+        False, help="Use a captions CSV without some of caption_1 .. caption_5 (a warning names them)."
+    ),
 ) -> None:
     """2. Compute log-Mel spectrograms into an HDF5 cache.
 
@@ -203,7 +219,8 @@ def features_cmd(
         ).items()
         if v is not None
     }
-    cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict)
+    cfg = FeaturesConfig(preset=preset, overrides=overrides, workers=workers, strict=strict,
+                         allow_missing_captions=allow_missing_captions)
     print_report(compute_features(cfg, root=root, out=out, audio_dir=audio_dir, splits=split or None))
 
 
@@ -214,16 +231,30 @@ def features_cmd(
 # (clotho_retrieve/config.py: its default and help, defined once); see clotho_retrieve/cli_options.py.
 @command("train")
 @config_options(train_cfg=Fields(TrainConfig, required=("out",)), model_cfg=Fields(ModelConfig))
-def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+def train_cmd(ctx: typer.Context, train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """3. Train a retrieval model (CNN14 + attention x BERT).
 
     Example: clotho-retrieve train --features feats --attention self --loss supcon --out runs/self
 
+    Resume an interrupted run with: clotho-retrieve train --out runs/self --resume (its settings are saved).
+
     Under torchrun (torchrun --nproc_per_node N -m clotho_retrieve train ...) it runs DistributedDataParallel.
     """
+    from clotho_retrieve import checkpoints
+    from clotho_retrieve.cli_options import given_options
     from clotho_retrieve.train import train
 
-    train(model_cfg, train_cfg)
+    run = Path(train_cfg.out)
+    if train_cfg.resume:  # options given with --resume must agree with the saved run (even at their default)
+        given = given_options(ctx)
+        values = {n: getattr(train_cfg if hasattr(train_cfg, n) else model_cfg, n) for n in given}
+        checkpoints.check_resume(run, values)
+    try:
+        train(model_cfg, train_cfg)
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted[/]: finished epochs are kept; resume with: "
+                          f"{checkpoints.resume_command(run)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @command("evaluate")
@@ -365,9 +396,9 @@ def query_cmd(
         raise ClothoRetrieveError("nothing to look for: give a query text, --queries FILE or --audio FILE")
     device = resolve_device(device)
     target = "captions" if captions else "audio"
-    with EmbeddingIndex(index) as idx:
-        if exact:
-            idx.ann = None
+    with EmbeddingIndex(index, load_ann=not exact) as idx:  # --exact never reads faiss.index
+        if idx.incomplete:
+            err_console.print(f"[yellow]warning:[/] {idx.incomplete}", highlight=False, soft_wrap=True)
         results = query_text(idx, texts, top_k, checkpoint, target=target, device=device) if texts else []
         if audio:
             results += query_audio(idx, audio, top_k, checkpoint, target=target, device=device)
@@ -442,7 +473,14 @@ def explain_cmd(
 
 
 def main() -> None:
-    app(prog_name="clotho-retrieve")
+    try:
+        app(prog_name="clotho-retrieve")
+    except SystemExit as exc:
+        from clotho_retrieve.safety import hard_exit, hdf5_poisoned
+
+        if hdf5_poisoned():  # an HDF5 file whose writes failed: HDF5's clean-up at exit could crash on it
+            hard_exit(exc.code if isinstance(exc.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

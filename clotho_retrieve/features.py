@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class FeaturesConfig:
     overrides: dict = dataclasses.field(default_factory=dict)  # FrontEnd fields that replace the preset's
     workers: int = 0  # 0: all cores
     strict: bool = False
+    allow_missing_captions: bool = False  # a captions CSV without some of caption_1..5: warn, not refuse
 
     def front_end(self) -> FrontEnd:
         if self.preset not in PRESETS:
@@ -74,10 +76,15 @@ def _shard_name(name: str) -> str:
     return hashlib.sha1(name.encode("utf-8")).hexdigest()[:20]
 
 
-def _init_worker() -> None:
+def _init_worker(main_pid: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # one clip per process; processes give the parallelism
+    if main_pid is not None:  # a pool worker: never outlive the run (kill -9 included)
+        from clotho_retrieve.safety import die_with_parent, end_with
+
+        die_with_parent()
+        end_with(main_pid)
 
 
 def _compute_shard(name: str, path: Path, work: Path, front_end: FrontEnd) -> tuple[str, str | None]:
@@ -99,16 +106,51 @@ def _compute_shard(name: str, path: Path, work: Path, front_end: FrontEnd) -> tu
     except Exception as exc:  # never let one file end the run; report it in the skip table
         reason = f"failed ({type(exc).__name__}: {exc})"
     else:
-        with atomic_path(work / f"{key}.npz", suffix=".part") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, mel=mel, duration=np.float64(duration), signature=signature)
+        with _shard_write(work, mel.nbytes):
+            with atomic_path(work / f"{key}.npz", suffix=".part") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, mel=mel, duration=np.float64(duration), signature=signature)
         (work / f"{key}.skip").unlink(missing_ok=True)  # an older version of the file was unreadable
         return name, None
-    with atomic_path(work / f"{key}.skip", suffix=".part") as tmp:
+    with _shard_write(work, 4096), atomic_path(work / f"{key}.skip", suffix=".part") as tmp:
         record = {"name": name, "reason": reason, "signature": signature.tolist()}
         tmp.write_text(json.dumps(record), encoding="utf-8")
     (work / f"{key}.npz").unlink(missing_ok=True)
     return name, reason
+
+
+class ShardWriteError(ClothoRetrieveError):
+    """A shard could not be written (disk full, ...): the run stops; finished shards are kept."""
+
+    def __init__(self, message: str, no_space: bool = False):
+        super().__init__(message, no_space)  # both in args: a worker's error pickles whole
+        self.no_space = no_space
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@contextmanager
+def _shard_write(work: Path, nbytes: int) -> Iterator[None]:
+    """Turn a failed shard write into ShardWriteError (one line; picklable, so workers can send it)."""
+    from clotho_retrieve.safety import NO_SPACE, errno_of, write_failed
+
+    try:
+        yield
+    except OSError as exc:
+        message = str(write_failed(exc, work, "the work files", nbytes))
+        raise ShardWriteError(message, errno_of(exc) in NO_SPACE) from None
+
+
+def _no_space_for_work(job: Job, work: Path, left: int) -> ClothoRetrieveError:
+    """The disk filled up while computing: estimate what the rest of the job needs from the shards so far
+    (those of the clips left, then the output, about as large as all its clips' shards)."""
+    from clotho_retrieve.safety import no_space
+
+    sizes = [p.stat().st_size for p in work.glob("*.npz")]
+    per_clip = sum(sizes) / len(sizes) if sizes else 0
+    needed = int(per_clip * (left + len(job.names)))
+    return no_space(job.out, needed or None, f"the features of {left} more clips and the file itself")
 
 
 def _finished(name: str, path: Path, work: Path) -> tuple[bool, str | None]:
@@ -246,7 +288,8 @@ class _LazyPool:
             # forking this process instead could hang the child if torch already started OpenMP threads).
             ctx = get_context("forkserver")
             ctx.set_forkserver_preload(["torch", "torchaudio", "clotho_retrieve.features"])
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(os.getpid(),))
         return self.pool
 
     def close(self, cancel: bool = False) -> None:
@@ -311,19 +354,27 @@ def _compute(job: Job, todo: Todo, work: Path, front_end: FrontEnd, workers: int
         resumed = len(job.names) - len(todo)  # reused from the old file or from shards of a killed run
         task = progress.add_task("", total=len(job.names), completed=resumed, resumed=resumed)
 
+        done = []
+
         def record(name: str, reason: str | None) -> None:
             if reason is not None and strict:
                 raise ClothoRetrieveError(f"{name}: {reason} (--strict)")
+            done.append(name)
             progress.advance(task)
 
-        if workers == 1 or len(todo) == 1:
-            _compute_here(todo, work, front_end, record)
-        elif todo:
-            own_pool = pool is None
-            pool = pool or _LazyPool(workers)
-            _compute_in_pool(todo, work, front_end, record, pool, workers, job.out)
-            if own_pool:
-                pool.close()
+        try:
+            if workers == 1 or len(todo) == 1:
+                _compute_here(todo, work, front_end, record)
+            elif todo:
+                own_pool = pool is None
+                pool = pool or _LazyPool(workers)
+                _compute_in_pool(todo, work, front_end, record, pool, workers, job.out)
+                if own_pool:
+                    pool.close()
+        except ShardWriteError as exc:
+            if not exc.no_space:
+                raise
+            raise _no_space_for_work(job, work, len(todo) - len(done)) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +409,13 @@ def _assemble(job: Job, front_end: FrontEnd, work: Path, reuse: _Reuse) -> tuple
         for name, *_, i in kept:
             yield existing[i] if i is not None else _shard(work, name)[0]
 
+    if not kept:  # never an output that looks written but holds nothing
+        if existing is not None:
+            existing.close()
+        example = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise ClothoRetrieveError(
+            f"{job.out}: no clip could be read, {len(skipped)} skipped{example}; nothing written"
+        )
     try:
         write_feature_file(job.out, [k[0] for k in kept], mels(), [k[3] for k in kept], front_end,
                            captions=[k[1] for k in kept], skipped=skipped, n_frames=[k[2] for k in kept],
@@ -410,7 +468,7 @@ def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = Fals
             "removed": reuse.removed, "status": status}
 
 
-def _jobs(root, out, audio_dir, splits) -> tuple[list[Job], Path]:
+def _jobs(root, out, audio_dir, splits, allow_missing_captions=False) -> tuple[list[Job], Path]:
     """The jobs of a Clotho root or of a folder of audio, and where the run's settings are saved."""
     from clotho_retrieve.datasets.clotho import clotho_jobs
     from clotho_retrieve.datasets.folder import audio_dir_job
@@ -418,7 +476,7 @@ def _jobs(root, out, audio_dir, splits) -> tuple[list[Job], Path]:
     if root is not None:
         if Path(out).suffix == ".h5" or Path(out).is_file():
             raise ClothoRetrieveError(f"{out}: with --root, --out is a folder (one .h5 per split)")
-        return clotho_jobs(root, out, splits), Path(out) / "features_config.json"
+        return clotho_jobs(root, out, splits, allow_missing_captions), Path(out) / "features_config.json"
     if Path(out).is_dir():
         raise ClothoRetrieveError(f"{out}: with --audio-dir, --out is a file (sounds.h5), not a folder")
     return [audio_dir_job(audio_dir, out)], Path(out).with_suffix(".json")
@@ -436,7 +494,9 @@ def compute_features(
     up to date with its sources (see run_job).
     """
     import json
+    from contextlib import ExitStack
 
+    from clotho_retrieve.safety import output_lock, write_failed
     from clotho_retrieve.utils import atomic_write_text
 
     if (root is None) == (audio_dir is None):
@@ -444,15 +504,21 @@ def compute_features(
     if out is None:
         raise ClothoRetrieveError("features: --out is required")
     front_end = cfg.front_end()
-    jobs, config_path = _jobs(root, out, audio_dir, splits)
+    jobs, config_path = _jobs(root, out, audio_dir, splits, cfg.allow_missing_captions)
     workers = cfg.workers or os.cpu_count() or 1
     pool = _LazyPool(workers)
-    try:
-        results = [run_job(job, front_end, workers, cfg.strict, pool) for job in jobs]
-    finally:
-        pool.close()
-    record = {"features": dataclasses.asdict(cfg), "front_end": front_end.to_dict()}
-    atomic_write_text(config_path, json.dumps(record, indent=2) + "\n")
+    with ExitStack() as locks:
+        for job in jobs:  # one writer per output: a second run stops here, before any work
+            locks.enter_context(output_lock(job.out))
+        try:
+            results = [run_job(job, front_end, workers, cfg.strict, pool) for job in jobs]
+        finally:
+            pool.close()
+        record = {"features": dataclasses.asdict(cfg), "front_end": front_end.to_dict()}
+        try:
+            atomic_write_text(config_path, json.dumps(record, indent=2) + "\n")
+        except OSError as exc:
+            raise write_failed(exc, config_path, "the features settings") from None
     return results
 
 

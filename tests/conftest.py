@@ -19,6 +19,17 @@ def minilm_path() -> str:
     return str(gt.get_model_path())
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small file systems to fill (tmpfs; the test is skipped, with the reason, where that needs root
+    and we are not): ``tmpfs.mount("1500k")`` -> folder, ``tmpfs.resize(folder, "4m")``; robust_helpers."""
+    from robust_helpers import Tmpfs
+
+    fs = Tmpfs(tmp_path / "mnt")
+    yield fs
+    fs.close()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module: tiny models run fastest (and bit-reproducibly) on one thread,

@@ -186,12 +186,14 @@ def build_ann_index(
     """Write (or remove) INDEX/faiss.index for the index's current rows; returns the type chosen.
 
     `exact` removes any FAISS file, so search falls back to the exact ranking. The FAISS file is
-    written under a temporary name and renamed, so a reader sees the old one or the new one.
+    written under a temporary name and renamed, so a reader sees the old one or the new one. The old
+    FAISS file is never read: a damaged one is replaced like any other.
     """
     from clotho_retrieve.index.store import EmbeddingIndex  # store imports this module
+    from clotho_retrieve.safety import output_lock
 
     index_dir = Path(index_dir)
-    with EmbeddingIndex(index_dir, in_memory_max=0) as idx:
+    with output_lock(index_dir), EmbeddingIndex(index_dir, in_memory_max=0, load_ann=False) as idx:
         chosen = choose_index_type(index_type, idx.count)
         if chosen == "exact":
             drop_ann_index(index_dir)
