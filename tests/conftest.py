@@ -98,3 +98,23 @@ def overfit_run(tmp_path_factory, six_clip_features, minilm_path):
     )  # fmt: skip
     with torch_threads(1):
         return train(model_cfg(minilm_path, text_trainable_layers=1, dropout=0.0), cfg)
+
+
+@pytest.fixture(scope="module")
+def embed_inputs(tmp_path_factory, minilm_path):
+    """A random tiny run (test_embed.make_run), 12 clips with captions, and their index embedded without
+    trouble (chunks of 4): what the full-disk and second-writer tests compare with."""
+    from test_embed import make_run, synthetic_mels
+
+    from clotho_retrieve.embed import EmbedConfig, embed
+    from clotho_retrieve.feature_file import write_feature_file
+    from clotho_retrieve.frontend import FrontEnd
+
+    folder = tmp_path_factory.mktemp("embed_inputs")
+    make_run(folder / "run", minilm_path)
+    captions = [[f"sound {i}", f"noise {i}"] for i in range(12)]
+    names = [f"c{i:02d}.wav" for i in range(12)]
+    clips = write_feature_file(folder / "clips.h5", names, synthetic_mels(12, 3), [2.0] * 12, FrontEnd(),
+                               captions=captions)
+    embed(folder / "run", clips, folder / "reference", EmbedConfig(chunk_size=4, captions=True))
+    return folder / "run", clips, folder / "reference"

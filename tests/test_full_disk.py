@@ -13,16 +13,13 @@ import numpy as np
 import pytest
 from audio_signals import write_clips
 from robust_helpers import error_line, fill, run_cli
-from test_embed import make_run, synthetic_mels
 from test_features import _same_file
 from typer.testing import CliRunner
 
 from clotho_retrieve import feature_file, safety
 from clotho_retrieve.cli import app
 from clotho_retrieve.embed import EmbedConfig, embed
-from clotho_retrieve.feature_file import write_feature_file
 from clotho_retrieve.features import FeaturesConfig, compute_features
-from clotho_retrieve.frontend import FrontEnd
 from clotho_retrieve.index import EmbeddingIndex, IndexWriter
 from clotho_retrieve.utils import ClothoRetrieveError
 
@@ -98,19 +95,6 @@ def test_features_stop_at_an_injected_enospc_and_resume(tmp_path, monkeypatch, t
 # ----------------------------------------------------------------------------------------------
 # embed
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def embed_inputs(tmp_path_factory, minilm_path):
-    """A random tiny run, 12 clips with captions, and their index embedded without trouble."""
-    folder = tmp_path_factory.mktemp("embed_inputs")
-    make_run(folder / "run", minilm_path)
-    captions = [[f"sound {i}", f"noise {i}"] for i in range(12)]
-    names = [f"c{i:02d}.wav" for i in range(12)]
-    clips = write_feature_file(folder / "clips.h5", names, synthetic_mels(12, 3), [2.0] * 12, FrontEnd(),
-                               captions=captions)
-    embed(folder / "run", clips, folder / "reference", EmbedConfig(chunk_size=4, captions=True))
-    return folder / "run", clips, folder / "reference"
-
-
 def embed_args(run_dir, clips, out) -> list[str]:
     return ["embed", "--checkpoint", str(run_dir), "--features", str(clips), "--out", str(out), "--captions",
             "--chunk-size", "4"]
