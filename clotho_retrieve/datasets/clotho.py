@@ -91,7 +91,6 @@ def _read_captions(csv_path: Path, allow_missing: bool = False) -> list[tuple[st
             reader = csv.DictReader(fh)
             if not reader.fieldnames or "file_name" not in reader.fieldnames:
                 raise ClothoRetrieveError(f"{csv_path}: no 'file_name' column; not a Clotho captions CSV")
-            _check_caption_columns(csv_path, reader.fieldnames, allow_missing)
             cols = sorted((c for c in reader.fieldnames if c.startswith("caption")), key=_caption_index)
             rows = []
             for row in reader:
@@ -103,6 +102,7 @@ def _read_captions(csv_path: Path, allow_missing: bool = False) -> list[tuple[st
                     )
                 caps = [(row[c] or "").strip() for c in cols]
                 rows.append((row["file_name"], [c for c in caps if c]))
+            _check_caption_columns(csv_path, reader.fieldnames, allow_missing)
             return rows
     except (UnicodeDecodeError, OSError, csv.Error) as exc:
         raise ClothoRetrieveError(f"{csv_path}: unreadable captions CSV ({exc})") from None
@@ -118,7 +118,8 @@ def _check_caption_columns(csv_path: Path, header: list[str], allow_missing: boo
     what = f"{csv_path}: no column {', '.join(missing)} (Clotho has file_name, caption_1 .. caption_5)"
     if not allow_missing:
         raise ClothoRetrieveError(f"{what}; fix the header, or pass --allow-missing-captions to use the rest")
-    err_console.print(f"[yellow]warning:[/] {what}; using the captions of the other columns", highlight=False)
+    err_console.print(f"[yellow]warning:[/] {what}; using the captions of the other columns", highlight=False,
+                      soft_wrap=True)
 
 
 def _caption_index(col: str) -> int:
