@@ -260,7 +260,7 @@ def h5_new_file(tmp: Path, needed: int, what: str, shown: Path, then: str = RERU
     import h5py
 
     try:
-        h5 = h5py.File(tmp, "w")
+        h5 = h5py.File(tmp, "w", rdcc_nbytes=0)  # no chunk cache: a failed write raises where it happens
     except OSError as exc:
         raise write_failed(exc, shown, what, needed, then) from None
     try:

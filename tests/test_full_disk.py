@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import errno
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 from audio_signals import write_clips
-from robust_helpers import error_line, fill, run_cli
+from robust_helpers import ENV, error_line, fill, run_cli
 from test_features import _same_file
 from typer.testing import CliRunner
 
@@ -174,4 +177,32 @@ def test_a_failed_write_inside_hdf5_is_one_line_and_the_index_stays_usable(tmp_p
     with EmbeddingIndex(out) as idx:
         assert idx.count == 8 and "8 of 12 clips" in idx.incomplete
     embed(run_dir, clips, out, EmbedConfig(chunk_size=4, captions=True))
+    same_index(out, reference)
+
+
+def test_hdf5_meeting_a_full_disk_unreserved_is_still_one_line_and_repaired(tmpfs, embed_inputs):
+    """Defence in depth: with the space checks and reservations switched off, HDF5 itself meets the full
+    disk. Still one line and exit 1 (no traceback, no segfault at exit), and a re-run finishes the index."""
+    run_dir, clips, reference = embed_inputs
+    disk = tmpfs.mount("300k")
+    out = disk / "index"
+    script = textwrap.dedent("""
+        import sys
+        import clotho_retrieve.embed, clotho_retrieve.index.store, clotho_retrieve.safety
+        for module in (clotho_retrieve.embed, clotho_retrieve.index.store, clotho_retrieve.safety):
+            for name in ("check_space", "reserve_space"):
+                if hasattr(module, name):
+                    setattr(module, name, lambda *args, **kw: None)
+        from clotho_retrieve.cli import main
+        sys.argv = ["clotho-retrieve", *sys.argv[1:]]
+        main()
+    """)
+    cmd = [sys.executable, "-c", script, *embed_args(run_dir, clips, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    line = error_line(proc.stderr, returncode=proc.returncode)
+    assert line.startswith(f"{out / 'index.h5'}: not enough disk space for 4 more clips")
+    assert "Exception ignored" not in proc.stderr
+    tmpfs.resize(disk, "2m")
+    proc = run_cli(*embed_args(run_dir, clips, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     same_index(out, reference)

@@ -69,6 +69,9 @@ from clotho_retrieve.utils import ClothoRetrieveError, atomic_path, err_console
 FORMAT_VERSION = 2  # 2: clip_fingerprints
 INDEX_FILE = "index.h5"
 
+# No chunk cache for writing: each chunk goes to disk when written, so a failed write raises there (a
+# cached chunk would be written when its dataset object is freed, where HDF5 can only print the error).
+UNCACHED = {"rdcc_nbytes": 0}
 _STR = h5py.string_dtype(encoding="utf-8")
 _FP = np.dtype("S32")  # a clip fingerprint: 32 hex digits
 
@@ -287,7 +290,7 @@ class IndexWriter:
                         "complete": False,  # until the first `embed` finishes (IndexWriter.finish)
                     }
                 )
-        self.h5 = h5py.File(self.path, "a")
+        self.h5 = h5py.File(self.path, "a", **UNCACHED)
 
     def _open_existing(
         self, path: Path, fingerprint: RunFingerprint, embed_dim: int, front_end: dict
@@ -297,7 +300,7 @@ class IndexWriter:
         A damaged index.h5 that `embed` wrote (embed.json beside it) is moved aside: returns None."""
         h5 = None
         try:
-            h5 = h5py.File(path, "a")
+            h5 = h5py.File(path, "a", **UNCACHED)
             a = h5.attrs
             old_sha, dim, count = str(a["fingerprint"]), int(a["embed_dim"]), int(a["count"])
             old_run, old_front_end = str(a["run"]), json.loads(a["front_end"])
@@ -496,7 +499,7 @@ class IndexWriter:
                     self._append(h5["caption_clip"], new_row[clip[k]])
                 h5.attrs.update(attrs)
             self.h5.close()
-        self.h5 = h5py.File(self.path, "a")
+        self.h5 = h5py.File(self.path, "a", **UNCACHED)
 
     def add_captions(self, emb: np.ndarray, clip: np.ndarray, texts: list[str], captions_done: int) -> None:
         """Append caption embeddings of clips [captions_done_before, captions_done), then commit them."""
