@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +93,7 @@ def _compute_shard(name: str, path: Path, work: Path, front_end: FrontEnd) -> tu
     """
     import json
 
+    from clotho_retrieve.safety import writes
     from clotho_retrieve.utils import atomic_path
 
     key = _shard_name(name)
@@ -106,40 +106,17 @@ def _compute_shard(name: str, path: Path, work: Path, front_end: FrontEnd) -> tu
     except Exception as exc:  # never let one file end the run; report it in the skip table
         reason = f"failed ({type(exc).__name__}: {exc})"
     else:
-        with _shard_write(work, mel.nbytes):
+        with writes(work, "the work files", mel.nbytes):  # a full disk: one line, as NoSpace
             with atomic_path(work / f"{key}.npz", suffix=".part") as tmp:
                 with open(tmp, "wb") as fh:
                     np.savez(fh, mel=mel, duration=np.float64(duration), signature=signature)
         (work / f"{key}.skip").unlink(missing_ok=True)  # an older version of the file was unreadable
         return name, None
-    with _shard_write(work, 4096), atomic_path(work / f"{key}.skip", suffix=".part") as tmp:
+    with writes(work, "the work files", 4096), atomic_path(work / f"{key}.skip", suffix=".part") as tmp:
         record = {"name": name, "reason": reason, "signature": signature.tolist()}
         tmp.write_text(json.dumps(record), encoding="utf-8")
     (work / f"{key}.npz").unlink(missing_ok=True)
     return name, reason
-
-
-class ShardWriteError(ClothoRetrieveError):
-    """A shard could not be written (disk full, ...): the run stops; finished shards are kept."""
-
-    def __init__(self, message: str, no_space: bool = False):
-        super().__init__(message, no_space)  # both in args: a worker's error pickles whole
-        self.no_space = no_space
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-@contextmanager
-def _shard_write(work: Path, nbytes: int) -> Iterator[None]:
-    """Turn a failed shard write into ShardWriteError (one line; picklable, so workers can send it)."""
-    from clotho_retrieve.safety import NO_SPACE, errno_of, write_failed
-
-    try:
-        yield
-    except OSError as exc:
-        message = str(write_failed(exc, work, "the work files", nbytes))
-        raise ShardWriteError(message, errno_of(exc) in NO_SPACE) from None
 
 
 def _no_space_for_work(job: Job, work: Path, left: int) -> ClothoRetrieveError:
@@ -344,6 +321,7 @@ def _compute(job: Job, todo: Todo, work: Path, front_end: FrontEnd, workers: int
     """Compute every clip of ``todo`` into its shard, with a progress bar over the whole job."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from clotho_retrieve.safety import NoSpace
     from clotho_retrieve.utils import err_console
 
     progress = Progress(
@@ -371,9 +349,7 @@ def _compute(job: Job, todo: Todo, work: Path, front_end: FrontEnd, workers: int
                 _compute_in_pool(todo, work, front_end, record, pool, workers, job.out)
                 if own_pool:
                     pool.close()
-        except ShardWriteError as exc:
-            if not exc.no_space:
-                raise
+        except NoSpace:  # a work file did not fit: say what the rest of the job needs
             raise _no_space_for_work(job, work, len(todo) - len(done)) from None
 
 
@@ -496,7 +472,7 @@ def compute_features(
     import json
     from contextlib import ExitStack
 
-    from clotho_retrieve.safety import output_lock, write_failed
+    from clotho_retrieve.safety import output_lock, writes
     from clotho_retrieve.utils import atomic_write_text
 
     if (root is None) == (audio_dir is None):
@@ -515,10 +491,8 @@ def compute_features(
         finally:
             pool.close()
         record = {"features": dataclasses.asdict(cfg), "front_end": front_end.to_dict()}
-        try:
+        with writes(config_path, "the features settings"):
             atomic_write_text(config_path, json.dumps(record, indent=2) + "\n")
-        except OSError as exc:
-            raise write_failed(exc, config_path, "the features settings") from None
     return results
 
 

@@ -126,16 +126,17 @@ def human(n: float) -> str:
 RERUN = "re-run to continue"
 
 
-def no_space(
-    path: str | os.PathLike, needed: int | None, what: str, then: str = RERUN
-) -> ClothoRetrieveError:
+class NoSpace(ClothoRetrieveError):
+    """A write that does not fit on the disk (the message names the path and the space needed)."""
+
+
+def no_space(path: str | os.PathLike, needed: int | None, what: str, then: str = RERUN) -> NoSpace:
     """The one-line error for a write that does not fit: the path, the space needed, what is free, and
     ``then``, what to do once space is freed."""
     free = free_bytes(Path(path).parent)
     need = f"needs about {human(needed)}, " if needed else ""
-    return ClothoRetrieveError(
-        f"{path}: not enough disk space for {what} ({need}{human(free)} free); free some space and {then}"
-    )
+    return NoSpace(f"{path}: not enough disk space for {what} ({need}{human(free)} free); free some space "
+                   f"and {then}")
 
 
 def check_space(path: str | os.PathLike, needed: int, what: str, then: str = RERUN) -> None:
@@ -234,6 +235,15 @@ def write_failed(
         return no_space(path, needed, what, then)
     reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
     return ClothoRetrieveError(f"{path}: could not write {what} ({reason}); fix that and {then}")
+
+
+@contextlib.contextmanager
+def writes(path: str | os.PathLike, what: str, needed: int | None = None, then: str = RERUN) -> Iterator:
+    """Turn an OSError of the block (a full disk above all) into the one line of :func:`write_failed`."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_failed(exc, path, what, needed, then) from None
 
 
 _poisoned: list = []  # HDF5 handles whose close failed: kept alive, never closed by the garbage collector

@@ -59,10 +59,27 @@ def damaged(h5_path: Path, exc: BaseException) -> ClothoRetrieveError:
     )
 
 
-def quarantine(h5_path: Path) -> Path:
-    """Move a damaged index.h5 aside (``.index.h5.damaged``, replacing an older one) and return where."""
+def open_failed(exc: BaseException, index_dir: Path) -> ClothoRetrieveError:
+    """The error for an index.h5 that could not be opened or read: busy, or not readable."""
+    return busy(index_dir) if is_locked(exc) else damaged(index_dir / "index.h5", exc)
+
+
+def set_aside(exc: BaseException, h5_path: Path) -> Path:
+    """A writer could not open or read ``h5_path``: raise why when it is busy or not an index of `embed`
+    (no embed.json beside it); else move the damaged file aside (``.index.h5.damaged``, replacing an
+    older one), say so, and return where it went: the writer then builds a new one."""
+    from clotho_retrieve.utils import err_console
+
+    if is_locked(exc):
+        raise busy(h5_path.parent)
+    if not (h5_path.parent / "embed.json").is_file():
+        raise ClothoRetrieveError(
+            f"{h5_path}: not an index `embed` can extend ({type(exc).__name__}); choose another --out"
+        )
     aside = h5_path.with_name(f".{h5_path.name}.damaged")
     os.replace(h5_path, aside)
+    err_console.print(f"[yellow]warning:[/] {h5_path} is damaged ({one_line(exc)[:120]}); rebuilding it (the "
+                      f"damaged file is kept as {aside.name})", highlight=False, soft_wrap=True)
     return aside
 
 

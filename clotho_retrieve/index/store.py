@@ -118,14 +118,7 @@ class EmbeddingIndex:
         except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
             if getattr(self, "_h5", None) is not None:
                 self._h5.close()
-            if integrity.is_locked(exc):
-                raise integrity.busy(self.path) from None
-            if isinstance(exc, KeyError | json.JSONDecodeError):
-                raise ClothoRetrieveError(
-                    f"{h5_path}: not a readable index ({type(exc).__name__}: {exc}); rebuild it with "
-                    "`clotho-retrieve embed`"
-                ) from None
-            raise integrity.damaged(h5_path, exc) from None
+            raise integrity.open_failed(exc, self.path) from None
         self.incomplete = integrity.incomplete_warning(self.path, attrs, self.count)
         small = self.count * self.embed_dim * 4 <= in_memory_max
         self.vectors: np.ndarray | VectorPrefix = (
@@ -308,15 +301,7 @@ class IndexWriter:
             integrity.check_readable(h5, count)
         except (OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
             close_h5(h5)
-            if integrity.is_locked(exc):
-                raise integrity.busy(path.parent) from None
-            if not (path.parent / "embed.json").is_file():
-                raise ClothoRetrieveError(
-                    f"{path}: not an index `embed` can extend ({type(exc).__name__}); choose another --out"
-                ) from None
-            aside = integrity.quarantine(path)
-            err_console.print(f"[yellow]warning:[/] {path} is damaged ({type(exc).__name__}); rebuilding it "
-                              f"(the damaged file is kept as {aside.name})", highlight=False)
+            integrity.set_aside(exc, path)  # raises unless it is a damaged index of `embed`, moved aside
             return None
         if old_sha != fingerprint.sha256:
             h5.close()
