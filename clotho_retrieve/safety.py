@@ -201,6 +201,8 @@ def release_space(path: str | os.PathLike) -> None:
 def h5_growth(ds, new_rows: int, payload: int = 0) -> int:
     """Bytes HDF5 allocates when the chunked dataset ``ds`` grows by ``new_rows`` rows along axis 0:
     whole new chunks (plus chunk-index entries), and ``payload`` bytes of variable-length strings."""
+    if ds.chunks is None:  # contiguous: written in place, nothing allocated
+        return 0
     rows = ds.chunks[0]
     new_chunks = math.ceil((ds.shape[0] + new_rows) / rows) - math.ceil(ds.shape[0] / rows)
     itemsize = 16 if ds.dtype.kind == "O" else ds.dtype.itemsize  # a vlen string: a 16-byte heap id

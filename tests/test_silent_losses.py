@@ -138,3 +138,27 @@ def test_a_damaged_faiss_file_is_rebuilt_by_the_commands_its_message_names(tmp_p
         assert result.exit_code == 0, result.output
         assert top1() == best
     assert (out / FAISS_META).is_file()  # the last rebuild (embed --index-type hnsw) built a new one
+
+
+def test_a_damaged_index_is_reported_and_rebuilt_by_the_next_embed(tmp_path, embed_inputs):
+    run_dir, clips, reference = embed_inputs
+    out = tmp_path / "index"
+    shutil.copytree(reference, out)
+    data = (out / "index.h5").read_bytes()
+    (out / "index.h5").write_bytes(data[: len(data) // 2])  # a disk that failed under HDF5
+    line = error_line(invoke("query", "sound 3", "--index", out).output, 1)
+    assert line.startswith(f"{out / 'index.h5'}: not a readable index (")
+    assert line.endswith("re-run `clotho-retrieve embed` with the same --out to rebuild it")
+    result = CliRunner().invoke(app, embed_args(run_dir, clips, out))
+    assert result.exit_code == 0, result.output
+    assert f"warning: {out / 'index.h5'} is damaged (" in flat(result.output)
+    assert (out / ".index.h5.damaged").read_bytes() == data[: len(data) // 2]  # kept, not deleted
+    same_index(out, reference)
+    # a file `embed` did not write is never replaced
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.h5").write_bytes(b"not hdf5")
+    result = CliRunner().invoke(app, embed_args(run_dir, clips, other))
+    line = error_line(result.output, returncode=result.exit_code)
+    assert line == f"{other / 'index.h5'}: not an index `embed` can extend (OSError); choose another --out"
+    assert (other / "index.h5").read_bytes() == b"not hdf5"
