@@ -34,7 +34,9 @@ app = typer.Typer(
 
 
 def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -387,6 +389,8 @@ def query_cmd(
     """
     import json
 
+    from rich.markup import escape
+
     from clotho_retrieve.index import EmbeddingIndex
     from clotho_retrieve.query import query_audio, query_text, read_queries_file, result_table
     from clotho_retrieve.utils import console, resolve_device
@@ -397,8 +401,9 @@ def query_cmd(
     device = resolve_device(device)
     target = "captions" if captions else "audio"
     with EmbeddingIndex(index, load_ann=not exact) as idx:  # --exact never reads faiss.index
-        if idx.incomplete:
-            err_console.print(f"[yellow]warning:[/] {idx.incomplete}", highlight=False, soft_wrap=True)
+        if idx.incomplete:  # an unfinished `embed`: answer from what is there, and say so
+            err_console.print(f"[yellow]warning:[/] {escape(idx.incomplete)}", highlight=False,
+                              soft_wrap=True)
         results = query_text(idx, texts, top_k, checkpoint, target=target, device=device) if texts else []
         if audio:
             results += query_audio(idx, audio, top_k, checkpoint, target=target, device=device)

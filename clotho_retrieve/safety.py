@@ -67,8 +67,11 @@ def _busy(target: Path, pid: int | None) -> OutputBusy:
 def output_lock(target: str | os.PathLike) -> Iterator[Path]:
     """Hold the exclusive writer's lock of ``target`` for the block; raise OutputBusy when another process
     holds it. Nested blocks on the same target in one process share the lock."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock (the rest works as before)
+        yield lock_path(target)
+        return
     path = lock_path(target)
     key = str(path)
     if key in _held:
@@ -94,8 +97,10 @@ def output_lock(target: str | os.PathLike) -> Iterator[Path]:
 
 def lock_holder(target: str | os.PathLike) -> int | None:
     """The PID of the process writing ``target`` now (holding its lock), else None."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:
+        return None
     path = lock_path(target)
     if str(path) in _held:
         return os.getpid()

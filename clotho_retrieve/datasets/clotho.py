@@ -110,6 +110,8 @@ def _read_captions(csv_path: Path, allow_missing: bool = False) -> list[tuple[st
 
 def _check_caption_columns(csv_path: Path, header: list[str], allow_missing: bool) -> None:
     """Refuse (or with ``allow_missing`` warn about) a header without some of caption_1 .. caption_5."""
+    from rich.markup import escape
+
     from clotho_retrieve.utils import err_console
 
     missing = [c for c in CAPTION_COLUMNS if c not in header]
@@ -118,8 +120,8 @@ def _check_caption_columns(csv_path: Path, header: list[str], allow_missing: boo
     what = f"{csv_path}: no column {', '.join(missing)} (Clotho has file_name, caption_1 .. caption_5)"
     if not allow_missing:
         raise ClothoRetrieveError(f"{what}; fix the header, or pass --allow-missing-captions to use the rest")
-    err_console.print(f"[yellow]warning:[/] {what}; using the captions of the other columns", highlight=False,
-                      soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(what)}; using the captions of the other columns",
+                      highlight=False, soft_wrap=True)
 
 
 def _caption_index(col: str) -> int:

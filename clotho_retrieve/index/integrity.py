@@ -68,6 +68,8 @@ def set_aside(exc: BaseException, h5_path: Path) -> Path:
     """A writer could not open or read ``h5_path``: raise why when it is busy or not an index of `embed`
     (no embed.json beside it); else move the damaged file aside (``.index.h5.damaged``, replacing an
     older one), say so, and return where it went: the writer then builds a new one."""
+    from rich.markup import escape
+
     from clotho_retrieve.utils import err_console
 
     if is_locked(exc):
@@ -78,8 +80,8 @@ def set_aside(exc: BaseException, h5_path: Path) -> Path:
         )
     aside = h5_path.with_name(f".{h5_path.name}.damaged")
     os.replace(h5_path, aside)
-    err_console.print(f"[yellow]warning:[/] {h5_path} is damaged ({one_line(exc)[:120]}); rebuilding it (the "
-                      f"damaged file is kept as {aside.name})", highlight=False, soft_wrap=True)
+    message = f"{h5_path} is damaged ({one_line(exc)[:120]}); rebuilding it (the damaged file: {aside.name})"
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return aside
 
 
