@@ -14,7 +14,8 @@ before large writes, a failed write as one line, HDF5 files closed carefully, wo
   library crash later (it keeps the handle alive and ``hard_exit`` ends the CLI before HDF5's own
   clean-up at exit, which can segfault on such a file).
 * Workers: :func:`die_with_parent` (Linux ``prctl(PR_SET_PDEATHSIG)``): a worker process ends when its
-  parent does, so ``kill -9`` of a stage leaves no process behind.
+  parent does; :func:`end_with` ends a forkserver's worker (and the forkserver) when the process that
+  made the pool ends. So ``kill -9`` of a stage leaves no process behind.
 """
 
 from __future__ import annotations
