@@ -79,16 +79,17 @@ def error_line(output: str, status: int = 1, returncode: int | None = None) -> s
     return errors[0].removeprefix("error: ")
 
 
-def hold_lock(target: Path, hold_open: Path | None = None):
-    """Another process that takes the writer's lock of ``target`` (and, like `embed`, holds ``hold_open``
-    open for writing) until stop(); returns once it holds them."""
+def hold_lock(target: Path | None, hold_open: Path | None = None, mode: str = "a"):
+    """Another process that takes the writer's lock of ``target`` (unless None) and holds the HDF5 file
+    ``hold_open`` open (mode "a" as `embed`, "r" as a query or a server) until stop(); returns once it
+    holds them."""
     script = textwrap.dedent(f"""
-        import time
+        import contextlib, time
         from clotho_retrieve.safety import output_lock
-        with output_lock({str(target)!r}):
+        with output_lock({str(target)!r}) if {target is not None!r} else contextlib.nullcontext():
             if {bool(hold_open)!r}:
                 import h5py
-                h5 = h5py.File({str(hold_open)!r}, "a")
+                h5 = h5py.File({str(hold_open)!r}, {mode!r})
             print("locked", flush=True)
             time.sleep(600)
     """)

@@ -44,6 +44,11 @@ def finish(proc: subprocess.Popen) -> str:
     return stderr
 
 
+def invoke(*args):
+    """The second writer: this process (the first one is a real process of its own)."""
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
 def busy_line(target, pid: int) -> str:
     return f"{target} is being written by process {pid}; wait for it or choose another --out"
 
@@ -54,8 +59,8 @@ def test_two_features_runs_on_one_out(tmp_path):
     first = start_cli("features", "--audio-dir", audio, "--out", out, "--workers", 1)
     paused_when_writing(first, out)
     try:
-        second = run_cli("features", "--audio-dir", audio, "--out", out, "--workers", 1)
-        assert error_line(second.stderr, returncode=second.returncode) == busy_line(out, first.pid)
+        second = invoke("features", "--audio-dir", audio, "--out", out, "--workers", 1)  # this process
+        assert error_line(second.output, returncode=second.exit_code) == busy_line(out, first.pid)
     finally:
         finish(first)
     assert len(FeatureFile(out)) == 12 and not list(tmp_path.glob(".sounds.h5.*.work"))
@@ -67,8 +72,8 @@ def test_two_embed_runs_on_one_index_and_a_query_meanwhile(tmp_path, embed_input
     first = start_cli(*embed_args(run_dir, clips, out))
     paused_when_writing(first, out)
     try:
-        second = run_cli(*embed_args(run_dir, clips, out))
-        line = error_line(second.stderr, returncode=second.returncode)
+        second = invoke(*embed_args(run_dir, clips, out))
+        line = error_line(second.output, returncode=second.exit_code)
         assert line == busy_line(out, first.pid) and "delete" not in line
         result = CliRunner().invoke(app, ["index", str(out), "--index-type", "hnsw"])
         assert error_line(result.output, returncode=result.exit_code) == busy_line(out, first.pid)
@@ -85,6 +90,16 @@ def test_two_embed_runs_on_one_index_and_a_query_meanwhile(tmp_path, embed_input
         stop(holder)
     result = CliRunner().invoke(app, ["query", "sound 3", "--index", str(out), "-k", "1", "--json"])
     assert result.exit_code == 0 and '"rank": 1' in result.output
+    # `embed` while a reader (a query, a server) holds index.h5 open: close it first, in one line
+    reader = hold_lock(None, hold_open=out / "index.h5", mode="r")
+    try:
+        result = CliRunner().invoke(app, [*embed_args(run_dir, clips, out), "--prune"])
+        line = error_line(result.output, returncode=result.exit_code)
+        assert line == (f"{out / 'index.h5'} is open in another process (a query or a server?); close it "
+                        "and re-run")
+    finally:
+        stop(reader)
+    same_index(out, reference)
 
 
 def test_a_second_train_on_a_run_being_trained(tmp_path, six_clip_features, tiny_bert):
@@ -95,8 +110,8 @@ def test_a_second_train_on_a_run_being_trained(tmp_path, six_clip_features, tiny
     paused_when_writing(first, run)
     try:
         for again in (args, ["train", "--out", run, "--resume"]):
-            second = run_cli(*again)
-            assert error_line(second.stderr, returncode=second.returncode) == busy_line(run, first.pid)
+            second = invoke(*again)
+            assert error_line(second.output, returncode=second.exit_code) == busy_line(run, first.pid)
     finally:
         finish(first)
     assert (run / "last" / "trainer_state.pt").is_file()

@@ -31,7 +31,7 @@ def is_locked(exc: BaseException) -> bool:
 def busy(index_dir: Path) -> ClothoRetrieveError:
     """The error for an index another process has open."""
     pid = lock_holder(index_dir)
-    if pid:
+    if pid and pid != os.getpid():
         return ClothoRetrieveError(
             f"{index_dir} is being written by process {pid if pid > 0 else '?'}; wait for it to finish"
         )
