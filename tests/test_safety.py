@@ -145,7 +145,7 @@ def test_workers_end_with_the_process_that_made_them(tmp_path):
                     die_with_parent()
                     if watch:
                         end_with(top)
-                    print(os.getppid(), os.getpid(), flush=True)
+                    os.write(1, f"{os.getppid()} {os.getpid()}\\n".encode())  # one write: no interleaving
                     time.sleep(600)
                     os._exit(0)
             time.sleep(600)
