@@ -60,7 +60,7 @@ def command(name: str, **kwargs):
                     raise
                 where = getattr(exc, "filename", None) or name
                 if errno_of(exc) in NO_SPACE:
-                    raise _fail(str(no_space(where, None, name))) from None
+                    raise _fail(str(no_space(where, None, f"what `{name}` writes"))) from None
                 raise _fail(f"{where}: {getattr(exc, 'strerror', None) or one_line(exc)}") from None
             except KeyboardInterrupt:
                 err_console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command "

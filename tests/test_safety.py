@@ -162,3 +162,25 @@ def test_workers_end_with_the_process_that_made_them(tmp_path):
     while time.time() < deadline and any(_alive(pid) for pid in (server, first, second)):
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in (server, first, second))
+
+
+def test_any_failed_write_of_a_command_is_one_line(tmp_path, monkeypatch):
+    """The CLI's last line of defence: an OSError no writer turned into a message still ends as one line."""
+    from robust_helpers import error_line
+    from typer.testing import CliRunner
+
+    import clotho_retrieve.demo
+    from clotho_retrieve.cli import app
+
+    wav = tmp_path / "demo" / "development" / "x.wav"
+    for exc, expected in (
+        (OSError(errno.ENOSPC, "No space left on device", str(wav)),
+         f"{wav}: not enough disk space for what `demo-data` writes ("),
+        (PermissionError(errno.EACCES, "Permission denied", str(wav)), f"{wav}: Permission denied"),
+    ):
+        def fail(*args, exc=exc, **kw):
+            raise exc
+
+        monkeypatch.setattr(clotho_retrieve.demo, "make_demo_data", fail)
+        result = CliRunner().invoke(app, ["demo-data", "--out", str(tmp_path / "demo")])
+        assert error_line(result.output, returncode=result.exit_code).startswith(expected)
