@@ -18,7 +18,7 @@ import typer
 from clotho_retrieve import __version__
 from clotho_retrieve.cli_options import Fields, config_options
 from clotho_retrieve.config import ModelConfig, TableConfig, TrainConfig
-from clotho_retrieve.utils import ClothoRetrieveError, err_console
+from clotho_retrieve.utils import ClothoRetrieveError, err_console, one_line
 
 app = typer.Typer(
     name="clotho-retrieve",
@@ -34,23 +34,38 @@ app = typer.Typer(
 )
 
 
+def _fail(message: str) -> typer.Exit:
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(1)
+
+
 def command(name: str, **kwargs):
-    """Register a CLI command that reports ClothoRetrieveError as one line and exit status 1."""
+    """Register a CLI command that reports ClothoRetrieveError (and a failed disk write: full disk,
+    no permission) as one line and exit status 1; set CLOTHO_RETRIEVE_DEBUG=1 for the traceback."""
 
     def decorator(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kw):
+            from clotho_retrieve.safety import NO_SPACE, errno_of, is_write_error, no_space
+
             try:
                 return fn(*args, **kw)
             except ClothoRetrieveError as exc:
                 if os.environ.get("CLOTHO_RETRIEVE_DEBUG"):
                     raise
-                err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
+                raise _fail(str(exc)) from None
+            except (OSError, RuntimeError) as exc:
+                if os.environ.get("CLOTHO_RETRIEVE_DEBUG") or not is_write_error(exc):
+                    raise
+                where = getattr(exc, "filename", None) or name
+                if errno_of(exc) in NO_SPACE:
+                    raise _fail(str(no_space(where, None, f"what `{name}` writes"))) from None
+                raise _fail(f"{where}: {getattr(exc, 'strerror', None) or one_line(exc)}") from None
             except KeyboardInterrupt:
-                err_console.print(
-                    "[yellow]interrupted[/]: finished work is kept; re-run to resume (train: add --resume)."
-                )
+                err_console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command "
+                                  "to resume")
                 raise typer.Exit(130) from None
 
         return app.command(name, **kwargs)(wrapper)
@@ -228,6 +243,9 @@ def features_cmd(
         None, help="Compute only part I/N (e.g. 3/8, one job of a SLURM array); `merge` assembles the parts. "
         "Under torchrun each rank takes its part by itself and rank 0 assembles."
     ),
+    allow_missing_captions: bool = typer.Option(
+        False, help="Use a captions CSV without some of caption_1 .. caption_5 (a warning names them)."
+    ),
 ) -> None:
     """2. Compute log-Mel spectrograms into an HDF5 cache.
 
@@ -255,7 +273,8 @@ def features_cmd(
     }
     if model is not None and (preset is not None or overrides):
         raise ClothoRetrieveError("features: --model sets the front end; drop --preset and the overrides")
-    cfg = FeaturesConfig(preset or "paper", overrides, workers, strict, model=model, shard=shard or "")
+    cfg = FeaturesConfig(preset or "paper", overrides, workers, strict, model=model, shard=shard or "",
+                         allow_missing_captions=allow_missing_captions)
     ws = _ws()
     if root is None and audio_dir is None:
         root = ws.clotho_root()
@@ -296,13 +315,17 @@ def _sigterm_as_interrupt():
 # (clotho_retrieve/config.py: its default and help, defined once); see clotho_retrieve/cli_options.py.
 @command("train")
 @config_options(train_cfg=Fields(TrainConfig), model_cfg=Fields(ModelConfig))
-def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+def train_cmd(ctx: typer.Context, train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     """3. Train a retrieval model (CNN14 + attention x BERT).
 
     Example: clotho-retrieve train --attention gat   (features from data/features, run in runs/gat-ntxent)
 
+    Resume an interrupted run with: clotho-retrieve train --out runs/self --resume (its settings are saved).
+
     Under torchrun (torchrun --nproc_per_node N -m clotho_retrieve train ...) it runs DistributedDataParallel.
     """
+    from clotho_retrieve import checkpoints
+    from clotho_retrieve.cli_options import given_options
     from clotho_retrieve.train import train
 
     ws = _ws()
@@ -315,13 +338,22 @@ def train_cmd(train_cfg: TrainConfig, model_cfg: ModelConfig) -> None:
         else:
             reserved = ws.new_run_dir(model_cfg.attention, train_cfg.loss)
             train_cfg.out = str(reserved)
-    ws.record_started(train_cfg.out)
+    run = Path(train_cfg.out)
+    if train_cfg.resume:  # options given with --resume must agree with the saved run (even at their default)
+        given = given_options(ctx)
+        values = {n: getattr(train_cfg if hasattr(train_cfg, n) else model_cfg, n) for n in given}
+        checkpoints.check_resume(run, values)
+    ws.record_started(run)
     try:
         run = train(model_cfg, train_cfg)
     except ClothoRetrieveError:
         if reserved is not None:
             ws.release_run_dir(reserved)
         raise
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted[/]: finished epochs are kept; resume with: "
+                          f"{checkpoints.resume_command(run)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     ws.record_latest("run", run)
 
 
@@ -554,6 +586,8 @@ def query_cmd(
     """
     import json
 
+    from rich.markup import escape
+
     from clotho_retrieve.index import EmbeddingIndex
     from clotho_retrieve.query import query_audio, query_text, read_queries_file, result_table
     from clotho_retrieve.utils import console, resolve_device
@@ -564,9 +598,10 @@ def query_cmd(
     index = index or _ws().latest_index()
     device = resolve_device(device)
     target = "captions" if captions else "audio"
-    with EmbeddingIndex(index) as idx:
-        if exact:
-            idx.ann = None
+    with EmbeddingIndex(index, load_ann=not exact) as idx:  # --exact never reads faiss.index
+        if idx.incomplete:  # an unfinished `embed`: answer from what is there, and say so
+            err_console.print(f"[yellow]warning:[/] {escape(idx.incomplete)}", highlight=False,
+                              soft_wrap=True)
         results = query_text(idx, texts, top_k, checkpoint, target=target, device=device) if texts else []
         if audio:
             results += query_audio(idx, audio, top_k, checkpoint, target=target, device=device)
@@ -740,7 +775,14 @@ def merge_cmd(
 
 
 def main() -> None:
-    app(prog_name="clotho-retrieve")
+    try:
+        app(prog_name="clotho-retrieve")
+    except SystemExit as exc:
+        from clotho_retrieve.safety import hard_exit, hdf5_poisoned
+
+        if hdf5_poisoned():  # an HDF5 file whose writes failed: HDF5's clean-up at exit could crash on it
+            hard_exit(exc.code if isinstance(exc.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

@@ -78,9 +78,10 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------
 # Training (train.py)
 # ----------------------------------------------------------------------------------------------
-# Settings a resumed run takes from the caller instead of RUN/config.json: where things are and how
-# fast to go, never what is learned (raising `epochs` extends the run; the cosine schedule stretches).
-RESUME_OVERRIDES = ("features", "epochs", "device", "num_workers", "eval_batch_size")
+# Settings a resumed run may take from the caller instead of RUN/config.json: where the data is and
+# how fast to go, never what is learned (epochs included: it sets the learning-rate schedule). Any other
+# setting given with --resume must equal the saved one (checkpoints.check_resume).
+RESUME_OVERRIDES = ("features", "device", "num_workers", "eval_batch_size")
 
 
 @dataclass
@@ -99,9 +100,10 @@ class TrainConfig:
     )
     resume: bool = setting(
         False,
-        "Continue the run in --out from its last checkpoint; its saved settings are used, except "
+        "Continue the run in --out from its last checkpoint with the settings saved in its config.json; "
+        "only "
         + ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES)
-        + ".",
+        + " may be given again (another setting that differs is refused).",
     )
     loss: str = setting("ntxent", "ntxent (Eq. 6) | supcon (Eq. 7).")
     tau: float = setting(0.07, "Temperature of the loss (Eq. 6-7).")

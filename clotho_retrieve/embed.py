@@ -35,6 +35,7 @@ import numpy as np
 
 from clotho_retrieve.encoder import Encoder, RunEncoder, RunFingerprint, load_model, resolve_model_dir
 from clotho_retrieve.index import (
+    FAISS_FILE,
     FAISS_META,
     INDEX_FILE,
     EmbeddingIndex,
@@ -42,7 +43,10 @@ from clotho_retrieve.index import (
     build_ann_index,
     choose_index_type,
     drop_ann_index,
+    integrity,
 )
+from clotho_retrieve.index.store import FINISH
+from clotho_retrieve.safety import check_space, output_lock
 from clotho_retrieve.text_onnx import ensure_text_tower
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text, err_console
 
@@ -194,7 +198,7 @@ def _recorded_run(out: Path) -> tuple[RunFingerprint | None, bool]:
     if not (out / INDEX_FILE).is_file():
         return None, False
     try:
-        with EmbeddingIndex(out, in_memory_max=0) as old:
+        with EmbeddingIndex(out, in_memory_max=0, load_ann=False) as old:
             return old.fingerprint, old.captions_wanted
     except ClothoRetrieveError:
         return None, False
@@ -256,15 +260,31 @@ def _embed_captions(encoder: Encoder, writer: IndexWriter, progress, chunk_size:
         progress.advance(task, stop - done)
 
 
+def _check_room(reader: FeatureReader, writer: IndexWriter, refs: list[ClipRef], captions: bool) -> None:
+    """Refuse (one line, nothing written) when the new rows of ``refs`` would not fit on the disk."""
+    names = [reader.sources[s].names[i] for s, i in refs]
+    caps = [reader.sources[s].captions[i] for s, i in refs]
+    n_caps = sum(len(c) for c in caps) if captions else 0
+    needed = integrity.growth(writer.h5, len(refs), n_caps, integrity.text_bytes(names, names, caps, *caps))
+    check_space(writer.path, needed, f"the embeddings of {len(refs):,} clips", FINISH)
+
+
 def _embed_into(
-    reader: FeatureReader, encoder: Encoder, writer: IndexWriter, cfg: EmbedConfig, prune: bool
+    reader: FeatureReader, encoder: Encoder, writer: IndexWriter, cfg: EmbedConfig, prune: bool,
+    finish_command: str = "",
 ) -> dict:
-    """Bring the writer's rows in step with the reader's clips; returns the counts of the summary."""
+    """Bring the writer's rows in step with the reader's clips; returns the counts of the summary.
+
+    While it works the index is marked incomplete (a query warns and prints ``finish_command``)."""
     reader.fingerprint()
     removed = _prune(reader, writer) if prune else 0
     todo, update = _changes(reader, writer)
     if update or todo:
         drop_ann_index(writer.path.parent)  # never a FAISS file that disagrees with the rows
+    busy = bool(update or todo) or (writer.captions_wanted and writer.captions_done < writer.count)
+    if busy:  # marked unfinished first: a run stopped by a full disk leaves it saying so
+        writer.begin(writer.count + len(todo), finish_command)
+        _check_room(reader, writer, todo + [ref for _, ref in update], writer.captions_wanted)
     if update:
         writer.forget_captions_from(update[0][0])
     with _progress() as progress:
@@ -277,6 +297,8 @@ def _embed_into(
         _encode_and_write(chunks, encoder, writer, partial(progress.advance, task))
         if writer.captions_wanted:  # caption rows of new and changed clips
             _embed_captions(encoder, writer, progress, cfg.chunk_size)
+    if busy:
+        writer.finish()
     return {
         "clips": writer.count,
         "added": len(todo),
@@ -294,9 +316,13 @@ def _refresh_ann(out: Path, index_type: str, count: int) -> str:
         build_ann_index(out, "exact")
         return chosen
     meta_path = out / FAISS_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("count") != count or meta.get("config", {}).get("index_type") != chosen:
-        build_ann_index(out, chosen)  # rows changed: drop_ann_index removed the old one
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    stale = meta.get("count") != count or meta.get("config", {}).get("index_type") != chosen
+    if stale or not _faiss_readable(out / FAISS_FILE):
+        build_ann_index(out, chosen)  # rows changed (drop_ann_index removed the old one), or it is damaged
     return chosen
 
 
@@ -327,6 +353,16 @@ def _load_for_embedding(
     return encoder, fingerprint, str(Path(checkpoint).resolve()), cfg.which, encoder.model.cfg.to_dict()
 
 
+def _faiss_readable(path: Path) -> bool:
+    import faiss
+
+    try:
+        faiss.read_index(str(path))
+        return True
+    except RuntimeError:
+        return False
+
+
 def embed(
     checkpoint: str | os.PathLike,
     features: str | os.PathLike,
@@ -347,6 +383,22 @@ def embed(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
+    with output_lock(out):  # one writer per index: a second `embed` (or `index`) stops here
+        return _embed(checkpoint, features, out, cfg, prune)
+
+
+def _finish_command(checkpoint, features, out: Path, cfg: EmbedConfig, captions: bool) -> str:
+    """The `embed` command that finishes this one (absolute paths: a query may run elsewhere)."""
+    import shlex
+
+    words = ["clotho-retrieve", "embed", "--checkpoint", str(Path(checkpoint).resolve()),
+             "--features", str(Path(features).resolve()), "--out", str(out.resolve())]  # fmt: skip
+    words += ["--captions"] if captions else []
+    words += ["--which", cfg.which] if cfg.which != "best" else []
+    return shlex.join(words)
+
+
+def _embed(checkpoint, features, out: Path, cfg: EmbedConfig, prune: bool) -> dict:
     files = feature_files(features)
     previous, had_captions = _recorded_run(out)
     with_captions = cfg.captions or had_captions  # an index with caption embeddings keeps them complete
@@ -358,7 +410,8 @@ def embed(
         with IndexWriter(out, fingerprint, run, which, encoder.embed_dim, front_end, model_cfg) as writer:
             writer.captions_wanted = with_captions
             atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
-            counts = _embed_into(reader, encoder, writer, cfg, prune)
+            command = _finish_command(checkpoint, features, out, cfg, with_captions)
+            counts = _embed_into(reader, encoder, writer, cfg, prune, command)
     index_type = _refresh_ann(out, cfg.index_type, counts["clips"])
     tower = None
     if isinstance(encoder, RunEncoder):  # our runs (an encoder of another kind has no tower to export)

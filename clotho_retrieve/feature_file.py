@@ -186,6 +186,7 @@ def write_feature_file(
     """
     import h5py
 
+    from clotho_retrieve.safety import h5_new_file
     from clotho_retrieve.utils import atomic_path
 
     path = Path(path)
@@ -201,11 +202,14 @@ def write_feature_file(
     sources = _source_array(sources, len(names))
     skipped_sources = _source_array(skipped_sources, len(skipped))
     text = h5py.string_dtype("utf-8")
+    texts = [*names, *cap.ravel().tolist(), *(x for s in skipped for x in s)]
+    strings = sum(len(s.encode()) + 32 for s in texts)  # variable-length strings: HDF5's global heap
+    needed = int(offsets[-1]) * front_end.n_mels * 4 + 40 * (len(names) + len(skipped)) + 2 * strings
     with atomic_path(path, suffix=".h5.tmp") as tmp:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        with h5py.File(tmp, "w") as h5:
+        with h5_new_file(tmp, needed, "the features file", path) as h5:
             _write_mels(h5, mels, offsets, front_end.n_mels)
             h5.create_dataset("offsets", data=offsets)
             h5.create_dataset("n_frames", data=n_frames)

@@ -9,6 +9,7 @@ work (sharding.Shard), its workers and their pool, --strict.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,15 @@ Record = Callable[[str, "str | None"], None]  # called with (name, skip reason) 
 BatchFn = Callable[..., list[tuple[str, "str | None"]]]
 
 
-def init_worker() -> None:
+def init_worker(main_pid: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # one clip per process; processes give the parallelism
+    if main_pid is not None:  # a pool worker: never outlive the run (kill -9 included)
+        from clotho_retrieve.safety import die_with_parent, end_with
+
+        die_with_parent()
+        end_with(main_pid)
 
 
 class LazyPool:
@@ -45,7 +51,8 @@ class LazyPool:
             # forking this process instead could hang the child if torch already started OpenMP threads).
             ctx = get_context("forkserver")
             ctx.set_forkserver_preload(["torch", "clotho_retrieve.features"])
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker,
+                                            initargs=(os.getpid(),))
         return self.pool
 
     def close(self, cancel: bool = False) -> None:

@@ -57,6 +57,7 @@ class FeaturesConfig:
     strict: bool = False
     model: str | None = None  # a CLAP model (hub id or folder): its ClapFeatureExtractor input instead
     shard: str = ""  # "i/N": compute part i of N and leave assembly to `merge`; "" : torchrun's or none
+    allow_missing_captions: bool = False  # a captions CSV without some of caption_1..5: warn, not refuse
 
     def front_end(self):
         """The FrontEnd of the preset and overrides, or the ClapFrontEnd of ``model``."""
@@ -259,7 +260,7 @@ def run_job(job: Job, front_end: FrontEnd, workers: int = 0, strict: bool = Fals
 # ----------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------
-def _jobs(root, out, audio_dir, splits) -> tuple[list[Job], Path]:
+def _jobs(root, out, audio_dir, splits, allow_missing_captions=False) -> tuple[list[Job], Path]:
     """The jobs of a Clotho root or of a folder of audio, and where the run's settings are saved."""
     from clotho_retrieve.datasets.clotho import clotho_jobs
     from clotho_retrieve.datasets.folder import audio_dir_job
@@ -271,7 +272,7 @@ def _jobs(root, out, audio_dir, splits) -> tuple[list[Job], Path]:
     if root is not None:
         if Path(out).suffix == ".h5" or Path(out).is_file():
             raise ClothoRetrieveError(f"{out}: with --root, --out is a folder (one .h5 per split)")
-        return clotho_jobs(root, out, splits), Path(out) / "features_config.json"
+        return clotho_jobs(root, out, splits, allow_missing_captions), Path(out) / "features_config.json"
     if Path(out).is_dir():
         raise ClothoRetrieveError(f"{out}: with --audio-dir, --out is a file (sounds.h5), not a folder")
     return [audio_dir_job(audio_dir, out)], Path(out).with_suffix(".json")
@@ -306,12 +307,17 @@ def compute_features(
     """
     front_end = cfg.front_end()
     shard = resolve_shard(cfg.shard)
-    jobs, settings = _jobs(root, out, audio_dir, splits)
+    jobs, settings = _jobs(root, out, audio_dir, splits, cfg.allow_missing_captions)
     workers = cfg.workers or default_workers(shard)
     run = Runner(shard, workers, cfg.strict)
     assembler = shard.is_single or (shard.launcher == "torchrun" and shard.index == 0)
     try:
         with ProcessGroup(shard) as group, contextlib.ExitStack() as locks:
+            if shard.is_single:  # one writer per output: a second run stops here, before any work
+                from clotho_retrieve.safety import output_lock
+
+                for job in jobs:
+                    locks.enter_context(output_lock(job.out))
             states = [_start(job, front_end, run) for job in jobs]
             computed = {}
             for st in states:

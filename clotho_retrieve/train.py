@@ -170,10 +170,11 @@ def _prepare_run(run: Path, model_cfg: ModelConfig, cfg: TrainConfig, ddp: DistI
         if ddp.main:
             checkpoints.recover(run)
         distributed.barrier(ddp)
-        model_cfg, cfg, saved_front_end = checkpoints.load_resume_config(run, cfg)
+        model_cfg, cfg, saved_front_end = checkpoints.load_resume_config(run, model_cfg, cfg)
     elif (run / "config.json").exists() or (run / "last").exists():
         raise ClothoRetrieveError(
-            f"{run}: already holds a run; pass --resume to continue it, or another --out"
+            f"{run}: already holds a run; continue it with `{checkpoints.resume_command(run)}`, or choose "
+            "another --out"
         )
     distributed.barrier(ddp)  # every process has looked at RUN before rank 0 writes into it
     _validate_settings(cfg, ddp.world_size)
@@ -352,6 +353,17 @@ def train(
 
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
+    import contextlib
+    import os
+
+    from clotho_retrieve.safety import output_lock
+
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run folder
+    with output_lock(train_cfg.out) if main else contextlib.nullcontext():
+        return _train(model_cfg, train_cfg, on_epoch_end)
+
+
+def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, on_epoch_end) -> Path:
     t = setup(model_cfg, train_cfg)
     try:
         for epoch in range(t.state.epoch + 1, t.cfg.epochs + 1):

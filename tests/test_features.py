@@ -247,8 +247,10 @@ def test_rerun_updates_a_changed_folder_like_a_fresh_run(tmp_path, monkeypatch):
 
 
 def _write_captions(path: Path, rows: list[list[str]]) -> None:
+    """A Clotho captions CSV: file_name, caption_1 .. caption_5 (those past ``rows``' values left empty)."""
+    header = ["file_name"] + [f"caption_{k}" for k in range(1, 6)]
     with open(path, "w", encoding="utf-8", newline="") as fh:
-        csv.writer(fh).writerows([["file_name", "caption_1", "caption_2"]] + rows)
+        csv.writer(fh).writerows([header] + [r + [""] * (len(header) - len(r)) for r in rows])
 
 
 def test_rerun_follows_the_captions_csv(tmp_path, monkeypatch):

@@ -186,12 +186,14 @@ def build_ann_index(
     """Write (or remove) INDEX/faiss.index for the index's current rows; returns the type chosen.
 
     `exact` removes any FAISS file, so search falls back to the exact ranking. The FAISS file is
-    written under a temporary name and renamed, so a reader sees the old one or the new one.
+    written under a temporary name and renamed, so a reader sees the old one or the new one. The old
+    FAISS file is never read: a damaged one is replaced like any other.
     """
     from clotho_retrieve.index.store import EmbeddingIndex  # store imports this module
+    from clotho_retrieve.safety import check_space, output_lock, writes
 
     index_dir = Path(index_dir)
-    with EmbeddingIndex(index_dir, in_memory_max=0) as idx:
+    with output_lock(index_dir), EmbeddingIndex(index_dir, in_memory_max=0, load_ann=False) as idx:
         chosen = choose_index_type(index_type, idx.count)
         if chosen == "exact":
             drop_ann_index(index_dir)
@@ -205,8 +207,11 @@ def build_ann_index(
         with err_console.status(f"building {chosen} index over {idx.count:,} clips"):
             ann, resolved = build_faiss(idx.vectors, cfg)
         (index_dir / FAISS_META).unlink(missing_ok=True)  # never a new .json beside an old .index
-        with atomic_path(index_dir / FAISS_FILE) as tmp:
-            faiss.write_index(ann, str(tmp))
+        data = faiss.serialize_index(ann)  # (bytes,) uint8: the file, so its size is known before writing
+        check_space(index_dir / FAISS_FILE, data.nbytes, "the FAISS index")
+        with writes(index_dir / FAISS_FILE, "the FAISS index", data.nbytes):
+            with atomic_path(index_dir / FAISS_FILE) as tmp, open(tmp, "wb") as fh:
+                fh.write(memoryview(data))
         meta = {"config": asdict(resolved), "count": idx.count, "fingerprint": idx.fingerprint.sha256}
         atomic_write_text(index_dir / FAISS_META, json.dumps(meta, indent=2) + "\n")
         err_console.print(f"{chosen} index of {idx.count:,} clips built in {time.perf_counter() - t0:.1f} s")
