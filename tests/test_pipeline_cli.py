@@ -53,7 +53,7 @@ def test_each_stage_run_too_early_names_the_command_to_run(tmp_path):
         assert message in " ".join(result.output.split()), (args, result.output)
         assert "Traceback" not in result.output
     # nothing was left behind by the refused commands (no reserved run folder, no index folder)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "runs").exists() or not any(p.is_dir() for p in (tmp_path / "runs").iterdir())
     # elsewhere, --workspace names the folder, and the suggested command carries it
     result = runner.invoke(app, ["--workspace", str(tmp_path / "elsewhere"), "query", "rain"])
     assert result.exit_code == 1
@@ -74,7 +74,7 @@ def test_the_bare_chain_runs_with_no_path_options(tmp_path, minilm_path):
     assert first.exit_code == 0, first.output
     second = cli(ws, "train", "--attention", "gat", *tiny_train(minilm_path))
     assert second.exit_code == 0, second.output
-    runs = sorted(p.name for p in (ws / "runs").iterdir())
+    runs = sorted(p.name for p in (ws / "runs").iterdir() if not p.name.startswith("."))  # .NAME.lock
     assert runs == ["gat-ntxent", "gat-ntxent-2"]  # the second run did not overwrite the first
     assert (ws / "runs/gat-ntxent/best/model.safetensors").is_file()
 
@@ -112,4 +112,4 @@ def test_resume_without_out_continues_the_latest_started_run(tmp_path, minilm_pa
     assert resumed.exit_code == 0, resumed.output
     lines = (ws / "runs/self-ntxent/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-    assert sorted(p.name for p in (ws / "runs").iterdir()) == ["self-ntxent"]
+    assert sorted(p.name for p in (ws / "runs").iterdir() if not p.name.startswith(".")) == ["self-ntxent"]

@@ -181,7 +181,7 @@ def test_under_torchrun_every_process_gets_the_folder_process_0_reserved(tmp_pat
     got[0] = ws.new_run_dir("self", "ntxent")
     other.join()
     assert got[0] == got[1] == ws.runs / "self-ntxent-2"
-    assert sorted(p.name for p in ws.runs.iterdir()) == ["self-ntxent", "self-ntxent-2"]
+    assert sorted(p.name for p in ws.runs.iterdir() if p.is_dir()) == ["self-ntxent", "self-ntxent-2"]
 
     # a later job with the same id: process 1 does not take the old note for its answer
     note = next((ws.root / ".clotho-retrieve").glob("torchrun-*.json"))
