@@ -376,8 +376,8 @@ def test_default_index_folder_of_a_clap_model_is_reused(clap, library, tmp_path,
     for _ in range(2):
         code, out, err = invoke(*args)
         assert code == 0, err
-    indexes = (tmp_path / "ws" / "indexes").iterdir()
-    assert sorted(p.name for p in indexes if not p.name.startswith(".")) == ["tiny-clap"]  # .NAME.lock: docs/safety.md
+    indexes = (tmp_path / "ws" / "indexes").iterdir()  # and .NAME.lock files: docs/safety.md
+    assert sorted(p.name for p in indexes if not p.name.startswith(".")) == ["tiny-clap"]
     assert "5 clips (0 added, 0 updated, 0 removed, 5 unchanged)" in out
     code, out, err = invoke("query", "dog barking", "--json", "-k", "1")
     assert code == 0, err
