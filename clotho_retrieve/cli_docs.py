@@ -24,7 +24,7 @@ from clotho_retrieve.utils import atomic_write_text
 PROG = "clotho-retrieve"
 OUTPUT = Path("docs", "cli.md")
 HEADER = (
-    "<!-- Generated from clotho_retrieve/cli.py by `make docs` (python -m clotho_retrieve.cli_docs). "
+    "<!-- Generated from clotho_retrieve/cli/ by `make docs` (python -m clotho_retrieve.cli_docs). "
     "Do not edit: change the help texts in the code and regenerate. -->\n"
 )
 

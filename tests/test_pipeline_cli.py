@@ -108,8 +108,10 @@ def test_resume_without_out_continues_the_latest_started_run(tmp_path, minilm_pa
     assert cli(ws, "demo-data", *tiny).exit_code == 0
     assert cli(ws, "features", "--workers", "1").exit_code == 0
     assert cli(ws, "train", "--attention", "self", *tiny_train(minilm_path)).exit_code == 0
-    resumed = cli(ws, "train", "--resume", "--epochs", "2")
+    refused = cli(ws, "train", "--resume", "--epochs", "2")  # epochs set the schedule: saved ones only
+    assert refused.exit_code == 1 and "--epochs 2 (saved: 1)" in " ".join(refused.output.split())
+    resumed = cli(ws, "train", "--resume")  # the latest started run, already finished: nothing to do
     assert resumed.exit_code == 0, resumed.output
     lines = (ws / "runs/self-ntxent/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
     assert sorted(p.name for p in (ws / "runs").iterdir() if not p.name.startswith(".")) == ["self-ntxent"]
