@@ -453,7 +453,12 @@ def phase_torchrun_train(P, ctx: Ctx, rec: dict) -> None:
 def phase_torchrun_resume(P, ctx: Ctx, rec: dict) -> None:
     run = ctx.work / "run"
     device = "cuda" if ctx.cuda else "cpu"
-    args = ["--out", run, "--features", ctx.features, "--resume", "--epochs", 2, "--device", device]
+    # A resume continues the saved run with its saved epochs (checkpoints.check_resume): stand in for a
+    # run planned for 2 epochs and stopped after the first by planning 2 in its config.json.
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    config["train"]["epochs"] = 2
+    (run / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    args = ["--out", run, "--features", ctx.features, "--resume", "--device", device]
     rec["wall_s"] = round(torchrun_train(ctx, args), 1)
     rows = read_metrics(run)
     expect(

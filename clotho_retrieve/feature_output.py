@@ -120,6 +120,13 @@ def assemble(job: Job, reuse: Reuse, folder: WorkFolder, entries: dict[str, Entr
         for *_, where in kept:
             yield existing[where] if isinstance(where, int) else folder.read(where)
 
+    if not kept:  # never an output that looks written but holds nothing
+        if existing is not None:
+            existing.close()
+        example = f" (first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise ClothoRetrieveError(
+            f"{job.out}: no clip could be read, {len(skipped)} skipped{example}; nothing written"
+        )
     try:
         write_feature_file(job.out, [k[0] for k in kept], mels(), [k[3] for k in kept], front_end,
                            captions=[k[1] for k in kept], skipped=skipped, n_frames=[k[2] for k in kept],

@@ -124,9 +124,12 @@ def test_kill_9_of_features_leaves_no_process_behind(tmp_path):
     out = tmp_path / "sounds.h5"
     proc = start_cli("features", "--audio-dir", audio, "--out", out, "--workers", 2)
     deadline = time.time() + 120
-    while len(list(tmp_path.glob(".sounds.h5.*.work/*.npz"))) < 4:  # the workers are computing
+    family = []
+    while len(family) < 3:  # the workers are up: the forkserver, its workers, the resource tracker
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.02)
+        family = psutil.Process(proc.pid).children(recursive=True)
+    time.sleep(0.2)  # computing
     family = psutil.Process(proc.pid).children(recursive=True)
     assert len(family) >= 3  # the forkserver, its workers, the resource tracker
     os.kill(proc.pid, signal.SIGKILL)
