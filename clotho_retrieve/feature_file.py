@@ -186,7 +186,7 @@ def write_feature_file(
     """
     import h5py
 
-    from clotho_retrieve.safety import h5_new_file
+    from clotho_retrieve.safety import h5_new_file, writes
     from clotho_retrieve.utils import atomic_path
 
     path = Path(path)
@@ -205,7 +205,8 @@ def write_feature_file(
     texts = [*names, *cap.ravel().tolist(), *(x for s in skipped for x in s)]
     strings = sum(len(s.encode()) + 32 for s in texts)  # variable-length strings: HDF5's global heap
     needed = int(offsets[-1]) * front_end.n_mels * 4 + 40 * (len(names) + len(skipped)) + 2 * strings
-    with atomic_path(path, suffix=".h5.tmp") as tmp:
+    # the temporary file's creation and rename fail as one line too; HDF5's writes: h5_new_file
+    with writes(path, "the features file", needed), atomic_path(path, suffix=".h5.tmp") as tmp:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions

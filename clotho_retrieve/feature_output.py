@@ -95,7 +95,9 @@ def assemble(job: Job, reuse: Reuse, folder: WorkFolder, entries: dict[str, Entr
     """Write the output in the job's order (what a run from scratch writes); returns (clips, skipped).
 
     Reused clips are copied from the old file, the others read from their batches, one clip in memory at
-    a time. Written under a temporary name, then renamed.
+    a time. Written under a temporary name, then renamed. Its space is checked and reserved first, and a
+    failed write (a full disk above all) is one line naming ``job.out`` and the space needed
+    (feature_file.write_feature_file); the old file and the batches then stay as they were.
     """
     existing = reuse.existing
     for stale in job.out.parent.glob(f".{job.out.name}.*.h5.tmp"):

@@ -16,6 +16,10 @@ that could not be read has a reason and no rows. size / mtime_ns are the source'
 clip whose source changed since is computed again. One file per batch (not per clip) keeps file
 creations, the costly operation on cluster file systems, a small fraction of the work.
 
+A batch that does not fit on the disk (its size is checked before writing; a failed write is caught too,
+in a worker process as in this one) raises NoSpace, which pickles back from a worker like any error;
+``no_space`` then says what the rest of the job needs. The batches already saved stay valid.
+
 Besides batches: ``part-TAG.done`` (JSON: what part TAG computed, written when it finished its share) and
 ``TAG.lock`` (an advisory lock a writer holds: a second writer of the same part is refused).
 """
@@ -37,6 +41,7 @@ from clotho_retrieve.frontend import FrontEnd
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_path
 
 MAGIC = b"CRBATCH1"
+WORK_FILES = "the work files"
 _HEAD = struct.Struct("<8sQ")  # magic, header length
 
 
@@ -81,19 +86,51 @@ class WorkFolder:
 
     # ------------------------------------------------------------------ writing
     def write_batch(self, tag: str, results: list[ClipResult]) -> Path:
-        """Save ``results`` as one batch file (temporary name, then rename)."""
+        """Save ``results`` as one batch file (temporary name, then rename). A batch that does not fit on the
+        disk (checked first, or a failed write) raises NoSpace naming it, with ``per_clip`` bytes set."""
+        from clotho_retrieve.safety import NoSpace, check_space, writes
+
         clips = [{"name": r.name, "size": int(r.signature[0]), "mtime_ns": int(r.signature[1]),
                   "duration": float(r.duration), "n_frames": 0 if r.mel is None else len(r.mel),
                   "reason": r.reason} for r in results]
         header = json.dumps({"n_mels": self.n_mels, "clips": clips}).encode("utf-8")
         header += b" " * (-(len(header) + _HEAD.size) % 64)  # rows start 64-byte aligned
+        chunks = [_HEAD.pack(MAGIC, len(header)) + header]
+        chunks += [np.ascontiguousarray(r.mel, dtype="<f4").data for r in results if r.mel is not None]
+        size = sum(memoryview(c).nbytes for c in chunks)
         path = self.path / f"{tag}-{secrets.token_hex(8)}.batch"
-        with atomic_path(path, suffix=".part") as tmp, open(tmp, "wb") as fh:
-            fh.write(_HEAD.pack(MAGIC, len(header)) + header)
-            for r in results:
-                if r.mel is not None:
-                    fh.write(np.ascontiguousarray(r.mel, dtype="<f4").data)
+        try:
+            with writes(path, WORK_FILES, size):  # a failed write (a full disk above all): one line
+                check_space(path, size, WORK_FILES)
+                with atomic_path(path, suffix=".part") as tmp:
+                    _write_file(tmp, chunks)
+        except NoSpace as exc:
+            exc.per_clip = size / max(1, len(results))  # travels with the error (pickled from a worker)
+            raise
         return path
+
+    def make(self) -> None:
+        """Create the folder (a failed mkdir, a full disk above all: one line naming it)."""
+        from clotho_retrieve.safety import writes
+
+        with writes(self.path, "the work folder"):
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def no_space(self, out: Path, left: int, clips: int, failed: Exception) -> Exception:
+        """The one line when a batch did not fit (``failed``, a NoSpace) with ``left`` clips of the job not
+        saved yet: what the rest needs, from the batches so far (or the failed one): those ``left`` clips,
+        then the output ``out``, about as large as all the job's ``clips`` (the batches stay until then)."""
+        from clotho_retrieve.safety import no_space
+
+        self.scan()
+        sizes = []
+        for file in {e.file for versions in self.entries.values() for e in versions}:
+            with contextlib.suppress(OSError):
+                sizes.append(file.stat().st_size)
+        count = self.clip_count()
+        per_clip = sum(sizes) / count if sizes and count else getattr(failed, "per_clip", 0)
+        needed = int(per_clip * (left + clips))
+        return no_space(out, needed or None, f"the features of {left} more clips and the file itself")
 
     def clean(self, tag: str) -> None:
         """Remove temporary files a killed writer of part ``tag`` left (its batches are kept)."""
@@ -105,8 +142,12 @@ class WorkFolder:
         """Hold part ``tag``'s lock; refuse when another live process holds it."""
         import fcntl
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / f"{tag}.lock", "a") as fh:
+        from clotho_retrieve.safety import writes
+
+        self.make()
+        with writes(self.path, "the work folder"):
+            fh = open(self.path / f"{tag}.lock", "a")  # noqa: SIM115 - closed by the with below
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -169,15 +210,19 @@ class WorkFolder:
         mel = np.fromfile(entry.file, dtype="<f4", count=count, offset=offset)
         return mel.reshape(entry.n_frames, self.n_mels).astype(np.float32, copy=False)
 
-    def clip_count(self) -> int:
-        """Computed clips (every version) indexed so far."""
-        return sum(len(v) for v in self.entries.values())
+    def clip_count(self, tag: str | None = None) -> int:
+        """Computed clips (every version) indexed so far; with ``tag``, those of part ``tag``'s batches."""
+        return sum(1 for v in self.entries.values() for e in v
+                   if tag is None or e.file.name.startswith(f"{tag}-"))
 
     # ------------------------------------------------------------------ parts
     def mark_part_done(self, tag: str, record: dict) -> None:
+        from clotho_retrieve.safety import writes
         from clotho_retrieve.utils import atomic_write_text
 
-        atomic_write_text(self.path / f"part-{tag}.done", json.dumps(record) + "\n")
+        path = self.path / f"part-{tag}.done"
+        with writes(path, "the record of a finished part"):
+            atomic_write_text(path, json.dumps(record) + "\n")
 
     def parts_done(self) -> dict[str, dict]:
         """tag -> record of every part that said it finished."""
@@ -186,3 +231,10 @@ class WorkFolder:
             with contextlib.suppress(OSError, ValueError):
                 done[path.name[len("part-") : -len(".done")]] = json.loads(path.read_text(encoding="utf-8"))
         return done
+
+
+def _write_file(path: Path, chunks: list) -> None:
+    """Write ``chunks`` (bytes, buffers) one after the other into a new file ``path``."""
+    with open(path, "wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)

@@ -3,7 +3,9 @@
 ``plan_batches`` cuts a list of clips into batches (each saved as one file by the batch function, see
 feature_parts.py); ``run_batches`` computes them one after the other in this process (on one thread, as a
 worker would) or in a pool, with a progress bar; ``Runner`` holds how this process runs: its part of the
-work (sharding.Shard), its workers and their pool, --strict.
+work (sharding.Shard), its workers and their pool, --strict. An error in a worker (a batch that did not fit
+on the disk above all: NoSpace) comes back to this process as that error; then no new batch starts, those
+under way end, and the error goes on to the caller.
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ class LazyPool:
                                             initargs=(os.getpid(),))
         return self.pool
 
-    def close(self, cancel: bool = False) -> None:
+    def close(self, cancel: bool = False, wait: bool | None = None) -> None:
+        """Shut the pool down; ``cancel``: batches not started never start, and (unless ``wait``) the
+        ones under way are not waited for."""
         if self.pool is not None:
-            self.pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            self.pool.shutdown(wait=not cancel if wait is None else wait, cancel_futures=cancel)
             self.pool = None
 
 
@@ -137,7 +141,10 @@ def _run_in_pool(batches, batch_fn: BatchFn, args: tuple, record: Record, runner
         raise ClothoRetrieveError(
             f"{out}: a worker process died (out of memory?); re-run to resume, perhaps with fewer --workers"
         ) from None
-    except BaseException:
+    except Exception:  # an error of a worker (a full disk: NoSpace, pickled back) or --strict: no new
+        runner.pool.close(cancel=True, wait=True)  # batch starts, those under way end (saved or failed)
+        raise
+    except BaseException:  # Ctrl-C: stop at once
         runner.pool.close(cancel=True)
         raise
 

@@ -160,10 +160,25 @@ def _start(job: Job, front_end: FrontEnd, run: Runner) -> _State:
     return _State(job, folder, reuse)
 
 
+def _compute(st: _State, todo: list[tuple[str, Path, int]], total: int, front_end: FrontEnd,
+             run: Runner) -> None:
+    """Compute ``todo`` (name, path, source bytes) into batches (feature_pool.run_batches). A batch that
+    does not fit on the disk ends the run with one line: what the rest of the job needs."""
+    from clotho_retrieve.safety import NoSpace
+
+    before = st.folder.clip_count(run.shard.tag)  # just scanned: what earlier runs of this part saved
+    try:
+        run_batches(st.job.out, todo, total, _compute_batch, (st.folder.path, front_end, run.shard.tag), run)
+    except NoSpace as exc:
+        st.folder.scan()
+        left = len(todo) - (st.folder.clip_count(run.shard.tag) - before)
+        raise st.folder.no_space(st.job.out, max(1, left), len(st.job.names), exc) from None
+
+
 def _compute_part(st: _State, front_end: FrontEnd, run: Runner) -> int:
     """Compute this process's part of the job (the clips no batch holds yet); returns how many."""
     job, folder, reuse = st.job, st.folder, st.reuse
-    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.make()
     folder.clean(run.shard.tag)
     folder.scan()
     share = [i for i in run.shard.take(len(job.names))
@@ -173,7 +188,7 @@ def _compute_part(st: _State, front_end: FrontEnd, run: Runner) -> int:
         signature = _stat(job.paths[i])
         if signature is None or folder.find(job.names[i], signature) is None:
             todo.append((job.names[i], job.paths[i], 0 if signature is None else int(signature[0])))
-    run_batches(job.out, todo, len(share), _compute_batch, (folder.path, front_end, run.shard.tag), run)
+    _compute(st, todo, len(share), front_end, run)
     if not run.shard.is_single:
         folder.mark_part_done(run.shard.tag, {"clips": len(share), "computed": len(todo)})
     return len(todo)
@@ -207,8 +222,7 @@ def _finish(st: _State, front_end: FrontEnd, computed: int, strict: bool, run: R
     job, reuse = st.job, st.reuse
     entries, missing = _resolve(st)
     if missing and run is not None:
-        args = (st.folder.path, front_end, run.shard.tag)
-        run_batches(job.out, missing, len(missing), _compute_batch, args, run)
+        _compute(st, missing, len(missing), front_end, run)
         computed += len(missing)
         entries, missing = _resolve(st, any_version=True)
     if missing:
@@ -282,13 +296,15 @@ def _save_settings(path: Path, cfg: FeaturesConfig, front_end: FrontEnd, root, a
     """The run's settings beside what they produced; ``merge`` reads the source from them."""
     import json
 
+    from clotho_retrieve.safety import writes
     from clotho_retrieve.utils import atomic_write_text
 
     source = {"root": str(Path(root).resolve()) if root is not None else None,
               "audio_dir": str(Path(audio_dir).resolve()) if audio_dir is not None else None,
               "splits": list(splits) if splits else None}
     record = {"features": dataclasses.asdict(cfg), "front_end": front_end.to_dict(), "source": source}
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    with writes(path, "the features settings"):
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def compute_features(

@@ -127,7 +127,8 @@ def test_kill_9_of_features_leaves_no_process_behind(tmp_path):
     out = tmp_path / "sounds.h5"
     # 20 ms per clip in the workers too (tests/slowed): about 3 s of work, so the kill lands mid-run
     slowed = {**ENV, "CLIP_DELAY": "0.02", "PYTHONPATH": os.pathsep.join([str(SLOWED), ENV["PYTHONPATH"]])}
-    cmd = [sys.executable, "-m", "clotho_retrieve", "features", "--audio-dir", audio, "--out", out, "--workers", 2]
+    cmd = [sys.executable, "-m", "clotho_retrieve", "features", "--audio-dir", audio, "--out", out,
+           "--workers", 2]
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=slowed)
     deadline = time.time() + 120
     family = []

@@ -7,10 +7,13 @@ reason where none can be mounted) and an injected ENOSPC (always). `train` on a 
 from __future__ import annotations
 
 import errno
+import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,14 +22,16 @@ from robust_helpers import ENV, error_line, fill, run_cli
 from test_features import _same_file
 from typer.testing import CliRunner
 
-from clotho_retrieve import feature_file, safety
+from clotho_retrieve import feature_file, feature_parts, features, safety
 from clotho_retrieve.cli import app
 from clotho_retrieve.embed import EmbedConfig, embed
+from clotho_retrieve.feature_parts import WorkFolder
 from clotho_retrieve.features import FeaturesConfig, compute_features
 from clotho_retrieve.index import EmbeddingIndex, IndexWriter
 from clotho_retrieve.utils import ClothoRetrieveError
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+SLOWED = Path(__file__).with_name("slowed")  # its sitecustomize patches worker processes too
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,63 +46,130 @@ def three_second_clips(tmp_path_factory):
     return audio, folder / "reference.h5"
 
 
-FEATURES_NOT_PORTED = ("the features stage now writes batch files (sharding, issue 14); its work-file ENOSPC "
-                       "handling and these npz-shard assertions are not ported yet")
+NO_SPACE_FOR_WORK = r"the features of (\d+) more clips and the file itself \(needs about [\d.]+ [kM]B, "
+NEEDS = r"[\d.]+ [kMG]?B free\); free some space and re-run to continue"
 
 
-@pytest.mark.xfail(reason=FEATURES_NOT_PORTED, strict=False)
+def saved_batches(out: Path) -> tuple[int, set[str]]:
+    """(batch files, names of the clips they hold) in the work folder of ``out``, every batch read whole."""
+    (work,) = out.parent.glob(f".{out.name}.*.work")
+    assert not list(work.glob(".*.part"))  # no half-written batch left
+    folder = WorkFolder(work, FeaturesConfig().front_end().n_mels)
+    folder.scan()
+    for versions in folder.entries.values():
+        (entry,) = versions
+        assert folder.read(entry).shape == (entry.n_frames, folder.n_mels)
+    return len(list(work.glob("*.batch"))), set(folder.entries)
+
+
 def test_features_on_a_full_disk_end_with_one_line_then_finish(tmpfs, three_second_clips):
     audio, reference = three_second_clips
     disk = tmpfs.mount("600k")
     out = disk / "sounds.h5"
     args = ["features", "--audio-dir", audio, "--out", out, "--workers", "2"]
-    proc = run_cli(*args)  # the work files fill the disk
+    proc = run_cli(*args)  # the batch files, written by the worker processes, fill the disk
     line = error_line(proc.stderr, returncode=proc.returncode)
-    needs = r" \(needs about [\d.]+ [kM]B, [\d.]+ k?B free\); free some space and re-run"
-    assert re.match(re.escape(f"{out}: not enough disk space for the features of ") + r"\d+ more clips and "
-                    r"the file itself" + needs, line)
+    match = re.fullmatch(re.escape(f"{out}: not enough disk space for ") + NO_SPACE_FOR_WORK + NEEDS, line)
+    assert match, line
+    batches, saved = saved_batches(out)
+    assert batches >= 1 and int(match.group(1)) == 16 - len(saved)
     assert not out.exists()
-    tmpfs.resize(disk, "1500k")  # room for the work files, not for the file as well
+    tmpfs.resize(disk, "1500k")  # room for the batch files, not for the file as well
     proc = run_cli(*args)
     line = error_line(proc.stderr, returncode=proc.returncode)
     assert line.startswith(f"{out}: not enough disk space for the features file (needs about 1.")
     assert not out.exists() and not list(disk.glob(".*.h5.tmp"))  # no half-written file left
+    assert saved_batches(out)[1] == {p.name for p in audio.glob("*.wav")}  # every clip computed, kept
     tmpfs.resize(disk, "4m")
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _same_file(out, reference)
+    assert not list(disk.glob(".*.work"))
 
 
-@pytest.mark.xfail(reason=FEATURES_NOT_PORTED, strict=False)
 def test_features_stop_at_an_injected_enospc_and_resume(tmp_path, monkeypatch, three_second_clips):
     audio, reference = three_second_clips
+    audio = Path(shutil.copytree(audio, tmp_path / "audio"))  # its mtimes change below
     out = tmp_path / "sounds.h5"
-    real_savez, saved = np.savez, []
+    real_write, written, computed = feature_parts._write_file, [], []
 
-    def savez(*args, **kw):  # the 5th clip's work file meets a full disk
-        if len(saved) == 4:
+    def write_file(path, chunks):  # the 3rd batch file meets a full disk after its header
+        if len(written) == 2:
+            real_write(path, chunks[:1])
             raise ENOSPC
-        saved.append(1)
-        return real_savez(*args, **kw)
+        written.append(path)
+        real_write(path, chunks)
 
-    monkeypatch.setattr(np, "savez", savez)
-    no_space = re.escape(f"{out}: not enough disk space for the ")
-    with pytest.raises(ClothoRetrieveError, match=no_space + "features of 12 more clips and the file"):
-        compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
-    monkeypatch.setattr(np, "savez", real_savez)
-    assert len(list(tmp_path.glob(".sounds.h5.*.work/*.npz"))) == 4  # the clips done before are kept
+    real_compute = features._compute_clip
+
+    def compute_clip(name, *args):
+        computed.append(name)
+        return real_compute(name, *args)
+
+    monkeypatch.setattr(features, "_compute_clip", compute_clip)
+    monkeypatch.setattr(feature_parts, "_write_file", write_file)
+    no_space = re.escape(f"{out}: not enough disk space for ")
+    with pytest.raises(ClothoRetrieveError, match=no_space + NO_SPACE_FOR_WORK.replace("(\\d+)", "8")):
+        compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)  # batches of 4 clips
+    monkeypatch.setattr(feature_parts, "_write_file", real_write)
+    batches, saved = saved_batches(out)
+    assert (batches, saved) == (2, set(computed[:8]))  # the clips done before are kept, readable
+    assert not out.exists()
     # the output file itself: its space is refused, or its write fails inside HDF5; nothing half-written stays
     for inject in ("reserve", "write"):
+        computed.clear()
         with monkeypatch.context() as m:
             if inject == "reserve":
                 m.setattr(safety, "_fallocate", lambda *a: errno.ENOSPC)
             else:
                 m.setattr(feature_file, "_write_mels", lambda *a: (_ for _ in ()).throw(ENOSPC))
-            with pytest.raises(ClothoRetrieveError, match=no_space + r"features file \(needs about 1\.\d MB"):
+            needs = r"the features file \(needs about 1\.\d MB"
+            with pytest.raises(ClothoRetrieveError, match=no_space + needs):
                 compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
         assert not out.exists() and not list(tmp_path.glob(".*.h5.tmp"))
+        if inject == "reserve":  # the 8 clips no batch held, and no other
+            assert sorted(computed) == sorted({p.name for p in audio.glob("*.wav")} - saved)
     (result,) = compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
     assert result["computed"] == 0  # every clip computed before the failed writes was kept
+    _same_file(out, reference)
+    # an update that fails leaves the complete file it would replace as it was
+    changed = sorted(audio.glob("*.wav"))[:2]
+    for wav in changed:
+        os.utime(wav, ns=(wav.stat().st_atime_ns, wav.stat().st_mtime_ns + 10**9))
+    computed.clear()
+    with monkeypatch.context() as m:
+        m.setattr(feature_file, "_write_mels", lambda *a: (_ for _ in ()).throw(ENOSPC))
+        with pytest.raises(ClothoRetrieveError, match=no_space + "the features file"):
+            compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    assert sorted(computed) == [wav.name for wav in changed]
+    _same_file(out, reference)
+    (result,) = compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
+    assert (result["computed"], result["reused"]) == (0, 14)  # the 2 changed clips: from their batch
+    _same_file(out, reference)
+
+
+def test_a_worker_meeting_a_full_disk_is_one_line_and_its_batches_are_reused(tmp_path, three_second_clips):
+    """ENOSPC raised inside the pool's worker processes (tests/enospc_batches.py, through sitecustomize):
+    it comes back as the one line, the pool ends, and the batches already written are reused."""
+    audio, reference = three_second_clips
+    out = tmp_path / "sounds.h5"
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(SLOWED), ENV["PYTHONPATH"]]),
+           "CLIPS_LOG": str(tmp_path / "first")}
+    cmd = [sys.executable, "-m", "clotho_retrieve", "features", "--audio-dir", audio, "--out", out,
+           "--workers", 2]  # 8 batches of 2 clips; the disk holds 3 batch files
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
+                          env={**env, "DISK_HOLDS_BATCHES": "3"})
+    line = error_line(proc.stderr, returncode=proc.returncode)
+    match = re.fullmatch(re.escape(f"{out}: not enough disk space for ") + NO_SPACE_FOR_WORK + NEEDS, line)
+    assert match, line
+    assert "Exception ignored" not in proc.stderr and "leaked" not in proc.stderr
+    batches, saved = saved_batches(out)
+    assert batches >= 3 and int(match.group(1)) == 16 - len(saved) and not out.exists()
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
+                          env={**env, "CLIPS_LOG": str(tmp_path / "second")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = (tmp_path / "second.0").read_text(encoding="utf-8").split()
+    assert sorted(again) == sorted({p.name for p in audio.glob("*.wav")} - saved)  # none computed twice
     _same_file(out, reference)
 
 
