@@ -161,20 +161,9 @@ def features_cmd(
     """
     from clotho_retrieve.features import FeaturesConfig, compute_features, print_report
 
-    overrides = {
-        k: v
-        for k, v in dict(
-            sample_rate=sample_rate,
-            n_fft=n_fft,
-            win_length=win_length,
-            hop_length=hop_length,
-            window=window,
-            n_mels=n_mels,
-            f_min=f_min,
-            f_max=f_max,
-        ).items()
-        if v is not None
-    }
+    given = dict(sample_rate=sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length)
+    given.update(window=window, n_mels=n_mels, f_min=f_min, f_max=f_max)
+    overrides = {k: v for k, v in given.items() if v is not None}
     if model is not None and (preset is not None or overrides):
         raise ClothoRetrieveError("features: --model sets the front end; drop --preset and the overrides")
     cfg = FeaturesConfig(preset or "paper", overrides, workers, strict, model=model, shard=shard or "",
