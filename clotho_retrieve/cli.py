@@ -280,7 +280,18 @@ def embed_cmd(
         help="Drop index rows whose clips are not in --features (off: an index may gather several files).",
     ),
     index_type: str = typer.Option(
-        "auto", "--index-type", help="exact | ivf | hnsw | auto (exact up to 50,000 clips, else ivf)."
+        "auto",
+        "--index-type",
+        help="exact | ivf | hnsw | pq | auto (exact up to 50,000 clips, then ivf or pq by --memory).",
+    ),
+    memory: str = typer.Option(
+        "0", "--memory", help="Memory the FAISS index may take, e.g. 8G (0: half this machine's RAM)."
+    ),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="i/N: embed only shard i of N into OUT/parts/ (e.g. a SLURM array task); then `merge-index`. "
+        "Under torchrun every rank takes its own shard and rank 0 merges.",
     ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Clips per forward pass."),
     chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="Clips per write (resume granularity)."),
@@ -292,14 +303,19 @@ def embed_cmd(
     New clips are appended, clips whose features changed are re-embedded, unchanged ones kept.
 
     Example: clotho-retrieve embed --checkpoint runs/demo --features demo/features --out demo/index
+
+    Sharded: torchrun --nnodes N --nproc_per_node P -m clotho_retrieve embed ... (OUT on a shared disk)
     """
     from clotho_retrieve.embed import EmbedConfig, embed
+    from clotho_retrieve.index import parse_memory
     from clotho_retrieve.utils import console, resolve_device
 
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
-    summary = embed(checkpoint, features, out, cfg, prune=prune)
+    cfg.memory = parse_memory(memory)
+    summary = embed(checkpoint, features, out, cfg, prune=prune, shard=shard)
+    where = f"part {summary['part']}" if "part" in summary else summary["index"]
     console.print(
-        f"{summary['index']}: {summary['clips']:,} clips ({summary['added']:,} added, "
+        f"{where}: {summary['clips']:,} clips ({summary['added']:,} added, "
         f"{summary['updated']:,} updated, {summary['removed']:,} removed, {summary['unchanged']:,} "
         f"unchanged), search: {summary['index_type']}",
         highlight=False,
@@ -310,23 +326,69 @@ def embed_cmd(
 def index_cmd(
     index: Path = typer.Argument(..., help="Index folder written by `embed`."),
     index_type: str = typer.Option(
-        "auto", "--index-type", help="exact (removes the FAISS file) | ivf | hnsw | auto (by size)."
+        "auto",
+        "--index-type",
+        help="exact (removes the FAISS file) | ivf | hnsw | pq (OPQ+IVF+PQ) | auto (by size and --memory).",
     ),
-    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF cells (0: about 2 sqrt(N))."),
-    nprobe: int = typer.Option(0, "--nprobe", min=0, help="IVF cells searched per query (0: 16)."),
+    memory: str = typer.Option(
+        "0", "--memory", help="Memory the index may take, e.g. 8G (0: half this machine's RAM)."
+    ),
+    nlist: int = typer.Option(
+        0, "--nlist", min=0, help="IVF cells (0: 4 sqrt(N) as a power of two; 16,384 at 1-10M)."
+    ),
+    nprobe: int = typer.Option(
+        0, "--nprobe", min=0, help="IVF cells searched per query (0: the most within --latency-ms)."
+    ),
+    latency_ms: float = typer.Option(
+        10.0, "--latency-ms", min=0.01, help="Latency budget of one query for nprobe 0."
+    ),
+    pq_m: int = typer.Option(0, "--pq-m", min=0, help="pq: bytes per vector (0: the most within --memory)."),
     hnsw_m: int = typer.Option(32, "--hnsw-m", min=2, help="HNSW neighbours per node."),
     ef_search: int = typer.Option(128, "--ef-search", min=1, help="HNSW search breadth."),
 ) -> None:
-    """Build or rebuild the approximate (FAISS) index of an embedding index.
+    """Build or rebuild the approximate (FAISS) index of an embedding index; prints its recall@10 and memory.
 
-    Example: clotho-retrieve index demo/index --index-type hnsw
+    Example: clotho-retrieve index demo/index --index-type pq --memory 8G
     """
-    from clotho_retrieve.index import AnnConfig, build_ann_index
+    from clotho_retrieve.index import AnnConfig, build_ann_index, parse_memory
     from clotho_retrieve.utils import console
 
-    cfg = AnnConfig(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+    cfg = AnnConfig(
+        nlist=nlist,
+        nprobe=nprobe,
+        pq_m=pq_m,
+        hnsw_m=hnsw_m,
+        ef_search=ef_search,
+        memory=parse_memory(memory),
+        latency_ms=latency_ms,
+    )
     chosen = build_ann_index(index, index_type, cfg)
     console.print(f"{index}: search is now {chosen}", highlight=False)
+
+
+@command("merge-index")
+def merge_index_cmd(
+    index: Path = typer.Argument(..., help="Index folder whose parts/ `embed --shard i/N` wrote."),
+    shards: int | None = typer.Option(None, "--shards", min=1, help="N, when parts of several N are there."),
+    index_type: str = typer.Option(
+        "auto", "--index-type", help="Search to build after merging: exact | ivf | hnsw | pq | auto."
+    ),
+    memory: str = typer.Option("0", "--memory", help="Memory the FAISS index may take (0: half the RAM)."),
+) -> None:
+    """Merge the parts of a sharded `embed` (INDEX/parts/shard-*-of-N) into INDEX/index.h5.
+
+    Example: clotho-retrieve merge-index big/index --index-type auto --memory 8G
+    """
+    from clotho_retrieve.index import AnnConfig, build_ann_index, parse_memory
+    from clotho_retrieve.index.parts import merge_parts
+    from clotho_retrieve.utils import console
+
+    summary = merge_parts(index, shards)
+    chosen = build_ann_index(index, index_type, AnnConfig(memory=parse_memory(memory)))
+    console.print(
+        f"{index}: {summary['clips']:,} clips from {summary['parts']} parts, search: {chosen}",
+        highlight=False,
+    )
 
 
 @command("query")

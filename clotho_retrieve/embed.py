@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,11 +29,26 @@ from clotho_retrieve.encoder import RunEncoder, RunFingerprint, load_model, reso
 from clotho_retrieve.index import (
     FAISS_META,
     INDEX_FILE,
+    AnnConfig,
     EmbeddingIndex,
     IndexWriter,
     build_ann_index,
     choose_index_type,
     drop_ann_index,
+)
+from clotho_retrieve.index.parts import (
+    Shard,
+    ShardJob,
+    barrier,
+    check_fresh_target,
+    clear_done,
+    clips_digest,
+    done_record,
+    mark_done,
+    merge_parts,
+    part_dir,
+    reset_if_reordered,
+    shard_job,
 )
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text, err_console
 
@@ -47,9 +62,10 @@ class EmbedConfig:
     batch_size: int = 16  # clips per forward pass
     chunk_size: int = 256  # clips per HDF5 write (the resume granularity)
     captions: bool = False  # also embed every caption (for audio-to-text queries)
-    index_type: str = "auto"  # exact | ivf | hnsw | auto (exact up to AUTO_EXACT_MAX clips)
+    index_type: str = "auto"  # exact | ivf | hnsw | pq | auto (index/rules.py: exact up to 50,000 clips)
     which: str = "best"  # best | last, when the checkpoint is a run folder
     device: str = "cpu"
+    memory: int = 0  # bytes the FAISS index may take (`auto` and pq choose by it); 0: half the RAM
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +140,10 @@ class FeatureReader:
             for i, name in enumerate(ff.names):
                 self.where.setdefault(name, (s, i))
         self.fingerprints: dict[ClipRef, bytes] = {}
+
+    def keep(self, names: Sequence[str]) -> None:
+        """Read only these clips (a shard), in this order."""
+        self.where = {name: self.where[name] for name in names}
 
     def check_front_end(self, trained_on: dict | None, model: str) -> None:
         """Refuse features computed otherwise than those the model was trained on (when it says)."""
@@ -271,16 +291,16 @@ def _embed_into(
     }
 
 
-def _refresh_ann(out: Path, index_type: str, count: int) -> str:
+def _refresh_ann(out: Path, cfg: EmbedConfig, count: int, dim: int) -> str:
     """The search type for ``count`` clips; (re)builds faiss.index unless it is up to date."""
-    chosen = choose_index_type(index_type, count)
+    chosen = choose_index_type(cfg.index_type, count, dim, cfg.memory)
     if chosen == "exact":
         build_ann_index(out, "exact")
         return chosen
     meta_path = out / FAISS_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("count") != count or meta.get("config", {}).get("index_type") != chosen:
-        build_ann_index(out, chosen)  # rows changed: drop_ann_index removed the old one
+        build_ann_index(out, chosen, AnnConfig(memory=cfg.memory))  # rows changed: the old one was dropped
     return chosen
 
 
@@ -290,20 +310,29 @@ def embed(
     out: str | os.PathLike,
     cfg: EmbedConfig | None = None,
     prune: bool = False,
+    shard: str | Shard | None = None,
 ) -> dict:
     """Embed every clip of ``features`` (file or folder) with the run's audio tower into the INDEX ``out``.
 
     New names are appended, changed clips re-embedded in place, and with ``prune`` rows not in the
     features removed (see the module docstring). A name in several feature files is taken from the
-    first. Returns a summary dict (clips, added, updated, removed, unchanged, ...).
+    first. Under torchrun, or with ``shard`` ("i/N"), this process writes one part of the index
+    (index/parts.py; parts always hold exactly their shard's clips). Returns a summary dict (clips,
+    added, updated, removed, unchanged, ...).
     """
     cfg = cfg or EmbedConfig()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
+    job = shard_job(shard)
+    if job is not None:
+        check_fresh_target(out)
+        if job.world_size > 1 and cfg.device == "cuda":
+            cfg = replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    target = out if job is None else part_dir(out, job.shard)  # the folder this process writes
     files = feature_files(features)
     model_dir = resolve_model_dir(checkpoint, cfg.which)
-    previous, had_captions = _recorded_run(out)
+    previous, had_captions = _recorded_run(target)
     fingerprint = RunFingerprint.of(model_dir, previous)
     with_captions = cfg.captions or had_captions  # an index with caption embeddings keeps them complete
     parts = ("audio", "text") if with_captions else ("audio",)
@@ -314,9 +343,32 @@ def embed(
         reader.check_front_end(encoder.front_end, str(model_dir))
         run = str(Path(checkpoint).resolve())
         front_end = reader.front_end.to_dict()
-        with IndexWriter(out, fingerprint, run, cfg.which, encoder.embed_dim, front_end, model_cfg) as writer:
+        shard_of = None if job is None else _take_shard(reader, job, cfg, target)
+        dim = encoder.embed_dim
+        with IndexWriter(target, fingerprint, run, cfg.which, dim, front_end, model_cfg) as writer:
             writer.captions_wanted = with_captions
-            atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
-            counts = _embed_into(reader, encoder, writer, cfg, prune)
-    index_type = _refresh_ann(out, cfg.index_type, counts["clips"])
-    return {"index": str(out), **counts, "index_type": index_type, "fingerprint": fingerprint.sha256}
+            atomic_write_text(target / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
+            counts = _embed_into(reader, encoder, writer, cfg, prune or job is not None)
+            if job is not None:
+                mark_done(target, done_record(job.shard, *shard_of, writer))
+    summary = {"index": str(out), **counts, "fingerprint": fingerprint.sha256}
+    if job is not None:
+        barrier(job)  # under torchrun: every part is done past this point
+        if not job.merges:
+            return {**summary, "part": str(target), "index_type": "-"}
+        summary.update(merge_parts(out, job.shard.of))
+        atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    return {**summary, "index_type": _refresh_ann(out, cfg, summary["clips"], encoder.embed_dim)}
+
+
+def _take_shard(reader: FeatureReader, job: ShardJob, cfg: EmbedConfig, part: Path) -> tuple:
+    """Restrict the reader to this job's shard of the clips; returns (start, stop, total, clip digest).
+
+    Starts the part over if its rows are not a prefix of the shard (parts.reset_if_reordered)."""
+    names = list(reader.where)
+    start, stop = job.shard.clip_range(len(names), cfg.chunk_size)
+    reader.keep(names[start:stop])
+    clear_done(part)
+    if reset_if_reordered(part, names[start:stop]):
+        err_console.print(f"[yellow]warning:[/] {part}: its shard changed; started over")
+    return start, stop, len(names), clips_digest(names)

@@ -19,8 +19,9 @@ On-disk layout of an INDEX folder::
                count (rows committed), captions_done (clips whose captions are embedded),
                captions_wanted (caption embeddings were asked for once: `embed` keeps them complete)
     INDEX/embed.json    the EmbedConfig of the last `embed`
-    INDEX/faiss.index   optional approximate index over `audio` (FAISS, inner product; index/search.py)
-    INDEX/faiss.json    its AnnConfig plus the row count and fingerprint it was built from
+    INDEX/faiss.index   optional approximate index over `audio` (FAISS, inner product; index/ann.py)
+    INDEX/faiss.json    its AnnConfig, the row count and fingerprint it was built from, and "report":
+                        the recall@10, memory and latency measured when it was built (ann.BuildReport)
 
 Rows are appended a chunk at a time and ``count`` is raised only after a chunk is flushed, so an
 interrupted `embed` resumes where it stopped (rows past ``count`` are discarded on reopen). Rows whose
@@ -39,10 +40,10 @@ import h5py
 import numpy as np
 
 from clotho_retrieve.encoder import RunFingerprint
+from clotho_retrieve.index.ann import AnnConfig, set_search_params
 from clotho_retrieve.index.search import (
     FAISS_FILE,
     FAISS_META,
-    AnnConfig,
     VectorPrefix,
     chunk_ranges,
     exact_search,
@@ -134,10 +135,7 @@ class EmbeddingIndex:
                 f"`clotho-retrieve index {self.path}`"
             ) from None
         cfg = AnnConfig(**meta["config"])
-        if cfg.index_type == "ivf":
-            index.nprobe = cfg.nprobe
-        else:
-            index.hnsw.efSearch = cfg.ef_search
+        set_search_params(index, cfg)
         return index, cfg
 
     @property
@@ -239,6 +237,8 @@ class IndexWriter:
         if self.path.exists():
             self.h5 = self._open_existing(self.path, fingerprint, embed_dim, front_end)
             self.h5.attrs.update(where)
+            if "merged_from" in self.h5.attrs:  # no longer just the merge of INDEX/parts (index/parts.py)
+                del self.h5.attrs["merged_from"]
             return
         with atomic_path(self.path) as tmp:  # the empty skeleton appears whole or not at all
             with h5py.File(tmp, "w") as h5:
