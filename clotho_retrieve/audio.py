@@ -4,7 +4,8 @@
 broken into a ClothoRetrieveError with the reason only (the caller adds the file name): empty, truncated
 (a WAV whose data chunk runs past the end of the file, or fewer frames than the header declares),
 undecodable, NaN or infinite samples. Inside it, ``AudioFile.blocks(n)`` yields mono float32 blocks (the
-mean of the channels), so a long file is read in bounded memory.
+mean of the channels), so a long file is read in bounded memory. 16-bit PCM (Clotho's WAVs) is read as
+int16 and scaled by 2**-15 here: the floats libsndfile would give, at a fraction of the cost.
 
 Resampling is python-soxr (libsoxr, quality "HQ": the band-limited resampler ``librosa.load`` uses by
 default). ``resample`` converts a whole signal; ``StreamResampler`` converts one given in consecutive
@@ -87,6 +88,9 @@ def _truncated_wav(info: str) -> str | None:
     return None
 
 
+INT16_SCALE = np.float32(1.0 / 32768.0)  # libsndfile's int16 -> float normalisation (exact in float32)
+
+
 class AudioFile:
     """An open audio file read as mono float32 blocks; ``n_read`` counts the frames decoded so far."""
 
@@ -95,15 +99,25 @@ class AudioFile:
         self.sample_rate: int = sf_file.samplerate
         self.frames: int = sf_file.frames  # as declared by the header
         self.n_read = 0
+        # 16-bit PCM is read as int16 and scaled here: the same floats as libsndfile's float read
+        # (x / 32768 is exact), about 8x faster, and integers need no NaN check.
+        self._int16 = sf_file.subtype == "PCM_16"
+
+    def _read(self, block: int) -> np.ndarray:
+        """Up to ``block`` frames as float32 (frames, channels)."""
+        if not self._int16:
+            return self._file.read(block, dtype="float32", always_2d=True)
+        return np.multiply(self._file.read(block, dtype="int16", always_2d=True), INT16_SCALE,
+                           dtype=np.float32)
 
     def blocks(self, block: int) -> Iterator[np.ndarray]:
         """Mono (mean of the channels) float32 blocks of ``block`` frames (the last one shorter)."""
         while True:
-            data = self._file.read(block, dtype="float32", always_2d=True)
+            data = self._read(block)
             if len(data) == 0:
                 return
             mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-            if not np.all(np.isfinite(mono)):
+            if not self._int16 and not np.all(np.isfinite(mono)):
                 raise ClothoRetrieveError("audio contains NaN or infinite samples")
             self.n_read += len(mono)
             yield mono
@@ -115,11 +129,29 @@ class AudioFile:
                 f"truncated: header declares {self.frames} frames, only {self.n_read} decode"
             )
 
-    def read_all(self) -> np.ndarray:
-        """The whole (rest of the) file as one mono float32 signal; raises when it is truncated."""
-        wave = np.concatenate(list(self.blocks(self.frames)) or [np.zeros(0, np.float32)])
+    def read_all(self, margin: int = 0) -> np.ndarray:
+        """The whole (rest of the) file as one mono float32 signal; raises when it is truncated.
+
+        With ``margin``, the signal starts at index ``margin`` of an array ``2 margin`` samples longer
+        (the margins left unset): room to pad it in place, without copying the signal again.
+        """
+        dtype = "int16" if self._int16 else "float32"
+        raw = self._file.read(max(self.frames - self.n_read, 1), dtype=dtype, always_2d=True)  # (frames, ch)
+        while len(more := self._file.read(1 << 16, dtype=dtype, always_2d=True)):  # a header that undercounts
+            raw = np.concatenate([raw, more])
+        out = np.empty(len(raw) + 2 * margin, np.float32)
+        body = out[margin : margin + len(raw)]
+        if raw.shape[1] == 1 and self._int16:
+            np.multiply(raw[:, 0], INT16_SCALE, out=body)
+        elif raw.shape[1] == 1:
+            body[:] = raw[:, 0]
+        else:  # the mean of float32 channels, as blocks() mixes them
+            body[:] = (np.multiply(raw, INT16_SCALE, dtype=np.float32) if self._int16 else raw).mean(axis=1)
+        if not self._int16 and not np.all(np.isfinite(body)):
+            raise ClothoRetrieveError("audio contains NaN or infinite samples")
+        self.n_read += len(raw)
         self.check_complete()
-        return wave
+        return out
 
     @property
     def duration(self) -> float:

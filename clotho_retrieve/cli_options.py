@@ -83,6 +83,17 @@ def from_cli(value, annotation):
     return value
 
 
+def given_options(ctx) -> set[str]:
+    """Names of the parameters the user gave (on the command line or by environment), as opposed to
+    those left at their defaults (``ctx``: the command's click context, a ``typer.Context``)."""
+    given = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
+            given.add(name)
+    return given
+
+
 def panel(cls: type) -> str:
     return f"{cls.__name__.removesuffix('Config')} settings"
 

@@ -78,22 +78,32 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------
 # Training (train.py)
 # ----------------------------------------------------------------------------------------------
-# Settings a resumed run takes from the caller instead of RUN/config.json: where things are and how
-# fast to go, never what is learned (raising `epochs` extends the run; the cosine schedule stretches).
-RESUME_OVERRIDES = ("features", "epochs", "device", "num_workers", "eval_batch_size")
+# Settings a resumed run may take from the caller instead of RUN/config.json: where the data is and
+# how fast to go, never what is learned (epochs included: it sets the learning-rate schedule). Any other
+# setting given with --resume must equal the saved one (checkpoints.check_resume).
+RESUME_OVERRIDES = ("features", "device", "num_workers", "eval_batch_size")
 
 
 @dataclass
 class TrainConfig:
     """Training settings; the defaults are the paper's where it gives one (Sec. IV-A)."""
 
-    features: str = setting("features", "Features folder with development.h5, validation.h5, evaluation.h5.")
-    out: str = setting("runs/run", "Run folder to write (refused if it holds a run: --resume).")
+    features: str | None = setting(
+        None,
+        "Features folder with development.h5, validation.h5, evaluation.h5. Default: the workspace's "
+        "data/features (with --resume: the run's own).",
+    )
+    out: str | None = setting(
+        None,
+        "Run folder to write (refused if it holds a run: --resume). Default: runs/ATTENTION-LOSS in the "
+        "workspace, with a suffix when taken; with --resume: the latest run started.",
+    )
     resume: bool = setting(
         False,
-        "Continue the run in --out from its last checkpoint; its saved settings are used, except "
+        "Continue the run in --out from its last checkpoint with the settings saved in its config.json; "
+        "only "
         + ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDES)
-        + ".",
+        + " may be given again (another setting that differs is refused).",
     )
     loss: str = setting("ntxent", "ntxent (Eq. 6) | supcon (Eq. 7).")
     tau: float = setting(0.07, "Temperature of the loss (Eq. 6-7).")
@@ -140,10 +150,20 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TableConfig:
-    features: str = setting(help="Features folder with development.h5, validation.h5, evaluation.h5.")
-    out: str = setting("runs/table", "Folder for one run per variant, table.md and table.csv.")
+    features: str | None = setting(
+        None, "Features folder with development.h5, validation.h5, evaluation.h5. Default: data/features."
+    )
+    out: str | None = setting(
+        None, "Folder for one run per variant, table.md and table.csv. Default: runs/table."
+    )
     variants: str = setting(
         "cnn14,gat,self,self-supcon",
-        "Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7).",
+        "Comma-separated subset: cnn14 (attention none), gat, self (NT-Xent), self-supcon (Eq. 7); "
+        "none: train nothing (peers only).",
     )
     split: str = setting("evaluation", "Split the table is measured on.")
+    peers: str | None = setting(
+        None,
+        "Comma-separated pretrained CLAP models (hub ids such as laion/clap-htsat-unfused, or folders) "
+        "scored zero-shot beside ours: rows 'MODEL (zero-shot)'.",
+    )

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from clotho_retrieve.encoder import pad_batch
 from clotho_retrieve.feature_file import FeatureFile, features_path
-from clotho_retrieve.frontend import FrontEnd
+from clotho_retrieve.frontend import front_end_from_dict
 from clotho_retrieve.utils import ClothoRetrieveError
 
 __all__ = [
@@ -67,7 +67,7 @@ def check_front_ends(files: list[FeatureFile], expected: dict | None = None, exp
                 "same `clotho-retrieve features` settings"
             )
     if expected is not None:
-        diff = front_end_diff(FrontEnd.from_dict(expected).to_dict(), ref)
+        diff = front_end_diff(front_end_from_dict(expected).to_dict(), ref)
         if diff:
             raise ClothoRetrieveError(
                 f"{files[0].path}: front end does not match {expected_from} ({diff}); recompute the features "

@@ -1,4 +1,4 @@
-"""Stage 1: fetch Clotho v2.1, the official PANNs checkpoints and a Hugging Face text model.
+"""Stage 1: fetch Clotho v2.1, the official PANNs checkpoints and a Hugging Face model (text or CLAP).
 
 Everything a training node needs can be fetched here once, on a machine with internet:
 
@@ -7,7 +7,8 @@ Everything a training node needs can be fetched here once, on a machine with int
   ``ROOT/{development,validation,evaluation}/``.
 * ``download_panns`` — the PANNs Cnn14 / Cnn10 / Cnn6 AudioSet checkpoints (Zenodo record 3987831)
   into a cache folder, so ``train --audio-weights cnn14`` can resolve the name offline.
-* ``download_text_model`` — a Hugging Face text model (BERT) into the local hub cache.
+* ``download_text_model`` — a Hugging Face model into the local hub cache: a text model (BERT) to train
+  with, or a pretrained CLAP model (laion/clap-htsat-unfused, ...) to embed and query with offline.
 
 Safety rules, in the order a run meets them:
 
@@ -482,7 +483,8 @@ _TEXT_MODEL_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "onnx/*
 
 
 def download_text_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Pre-fetch the Hugging Face model ``name`` (config, tokenizer, PyTorch weights) into the hub cache.
+    """Pre-fetch the Hugging Face model ``name`` (config, tokenizer, feature extractor, PyTorch weights)
+    into the hub cache: a text model, or a CLAP checkpoint.
 
     Later ``from_pretrained(name)`` calls then work with ``HF_HUB_OFFLINE=1``. When the repository has
     safetensors weights the duplicate ``*.bin`` files are skipped. A local folder needs no download.
@@ -499,6 +501,6 @@ def download_text_model(name: str, cache_dir: str | os.PathLike | None = None) -
         return Path(snapshot_download(name, cache_dir=cache_dir, ignore_patterns=ignore))
     except (OSError, ValueError) as exc:
         raise ClothoRetrieveError(
-            f"text model {name!r}: could not fetch it ({one_line(exc)}); check the name and "
+            f"model {name!r}: could not fetch it ({one_line(exc)}); check the name and "
             "the connection (HF_HUB_OFFLINE must be unset), or pass a local folder"
         ) from None

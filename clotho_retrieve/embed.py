@@ -1,16 +1,24 @@
-"""`clotho-retrieve embed`: a run's audio (and caption) embeddings of feature files, into an INDEX folder.
+"""`clotho-retrieve embed`: a model's audio (and caption) embeddings of feature files, into an INDEX folder.
 
+The model is a run of ours or a pretrained CLAP model (clap.py), both behind the one Encoder interface.
 Three parts, as clip-retrieval splits its inference::
 
     FeatureReader (feature files)  ->  Encoder (clotho_retrieve.encoder)  ->  IndexWriter (index/store.py)
-    chunks of names, log-Mels,         (T_i, M) log-Mels -> (n, D)            appends new rows, overwrites
-    sources, durations, captions,      unit-norm rows, batched by length      changed ones, commits a
-    clip fingerprints                                                         chunk at a time
+    chunks of names, log-Mels (or      each clip's input -> (n, D)            appends new rows, overwrites
+    CLAP inputs), sources, durations,  unit-norm rows, batched                changed ones, commits a
+    captions, clip fingerprints                                               chunk at a time
+
+With ``--audio-dir`` the features come first: :func:`audio_dir_features` computes (or brings up to date)
+INDEX/features.h5 for every audio file under the folder with the model's own front end (the features
+stage, with its skip report), and the index then mirrors that folder.
 
 The index is brought in step with the features: clips whose names are new are appended, clips whose
 log-Mel frames changed (:func:`clip_fingerprint`) are re-embedded in place (captions too), and with
 ``prune`` rows whose names are not in the features are dropped; unchanged clips are kept as they are,
 so re-running resumes an interrupted run. The on-disk layout is documented in index/store.py.
+
+Beside the index, the run's text tower is exported to ONNX (INDEX/text_tower/, clotho_retrieve/text_onnx.py)
+unless a current export is there, so text queries of the index start without torch.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.encoder import RunEncoder, RunFingerprint, load_model, resolve_model_dir
+from clotho_retrieve.encoder import Encoder, RunEncoder, RunFingerprint, load_model, resolve_model_dir
 from clotho_retrieve.index import (
+    FAISS_FILE,
     FAISS_META,
     INDEX_FILE,
     AnnConfig,
@@ -35,24 +44,16 @@ from clotho_retrieve.index import (
     build_ann_index,
     choose_index_type,
     drop_ann_index,
+    integrity,
 )
-from clotho_retrieve.index.parts import (
-    Shard,
-    ShardJob,
-    barrier,
-    check_fresh_target,
-    clear_done,
-    clips_digest,
-    done_record,
-    mark_done,
-    merge_parts,
-    part_dir,
-    reset_if_reordered,
-    shard_job,
-)
+from clotho_retrieve.index import parts as shards
+from clotho_retrieve.index.store import FINISH
+from clotho_retrieve.safety import check_space, output_lock
+from clotho_retrieve.text_onnx import ensure_text_tower
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text, err_console
 
 ClipRef = tuple[int, int]  # (feature file number, clip number in that file)
+AUDIO_DIR_FEATURES = "features.h5"  # inside INDEX: the features `embed --audio-dir` computes
 
 
 @dataclass
@@ -63,7 +64,7 @@ class EmbedConfig:
     chunk_size: int = 256  # clips per HDF5 write (the resume granularity)
     captions: bool = False  # also embed every caption (for audio-to-text queries)
     index_type: str = "auto"  # exact | ivf | hnsw | pq | auto (index/rules.py: exact up to 50,000 clips)
-    which: str = "best"  # best | last, when the checkpoint is a run folder
+    which: str = "best"  # best | last, when the model is a run folder
     device: str = "cpu"
     memory: int = 0  # bytes the FAISS index may take (`auto` and pq choose by it); 0: half the RAM
 
@@ -141,19 +142,24 @@ class FeatureReader:
                 self.where.setdefault(name, (s, i))
         self.fingerprints: dict[ClipRef, bytes] = {}
 
-    def keep(self, names: Sequence[str]) -> None:
-        """Read only these clips (a shard), in this order."""
+    def keep(self, names: Sequence[str]) -> None:  # read only these clips (a shard), in this order
         self.where = {name: self.where[name] for name in names}
 
     def check_front_end(self, trained_on: dict | None, model: str) -> None:
-        """Refuse features computed otherwise than those the model was trained on (when it says)."""
-        from clotho_retrieve.frontend import FrontEnd
+        """Refuse features computed otherwise than the model's input (when it says: the front end a run was
+        trained on, or a CLAP model's ClapFeatureExtractor input)."""
+        from clotho_retrieve.frontend import front_end_from_dict
 
-        if trained_on and FrontEnd.from_dict(trained_on) != self.front_end:
-            differences = ", ".join(self.front_end.differences(FrontEnd.from_dict(trained_on)))
+        if not trained_on:
+            return
+        expected = front_end_from_dict(trained_on)
+        if expected != self.front_end:
+            differences = ", ".join(self.front_end.differences(expected))
+            hint = "recompute them"
+            if "preset" in trained_on:  # a CLAP model
+                hint = f"embed --audio-dir, or recompute them with `clotho-retrieve features --model {model}`"
             raise ClothoRetrieveError(
-                f"{self.files[0]}: features differ from the front end {model} was trained on "
-                f"({differences}); recompute them"
+                f"{self.files[0]}: features differ from the input of {model} ({differences}); {hint}"
             )
 
     def fingerprint(self) -> None:
@@ -198,7 +204,7 @@ def _recorded_run(out: Path) -> tuple[RunFingerprint | None, bool]:
     if not (out / INDEX_FILE).is_file():
         return None, False
     try:
-        with EmbeddingIndex(out, in_memory_max=0) as old:
+        with EmbeddingIndex(out, in_memory_max=0, load_ann=False) as old:
             return old.fingerprint, old.captions_wanted
     except ClothoRetrieveError:
         return None, False
@@ -237,7 +243,7 @@ def _progress():
     return Progress(*columns, console=err_console)
 
 
-def _encode_and_write(chunks: Iterator[ClipChunk], encoder: RunEncoder, writer: IndexWriter, advance) -> None:
+def _encode_and_write(chunks: Iterator[ClipChunk], encoder: Encoder, writer: IndexWriter, advance) -> None:
     """Each chunk: audio embeddings (n, D) by the encoder, then appended or written over its rows."""
     for chunk in chunks:
         emb = encoder.encode_audio(chunk.mels)  # (n, D) unit norm
@@ -248,7 +254,7 @@ def _encode_and_write(chunks: Iterator[ClipChunk], encoder: RunEncoder, writer: 
         advance(len(chunk.names))
 
 
-def _embed_captions(encoder: RunEncoder, writer: IndexWriter, progress, chunk_size: int) -> None:
+def _embed_captions(encoder: Encoder, writer: IndexWriter, progress, chunk_size: int) -> None:
     """Embed the captions of clips [captions_done, count) with the text tower, chunk by chunk."""
     task = progress.add_task("embedding captions", total=writer.count - writer.captions_done)
     while (done := writer.captions_done) < writer.count:
@@ -260,15 +266,31 @@ def _embed_captions(encoder: RunEncoder, writer: IndexWriter, progress, chunk_si
         progress.advance(task, stop - done)
 
 
+def _check_room(reader: FeatureReader, writer: IndexWriter, refs: list[ClipRef], captions: bool) -> None:
+    """Refuse (one line, nothing written) when the new rows of ``refs`` would not fit on the disk."""
+    names = [reader.sources[s].names[i] for s, i in refs]
+    caps = [reader.sources[s].captions[i] for s, i in refs]
+    n_caps = sum(len(c) for c in caps) if captions else 0
+    needed = integrity.growth(writer.h5, len(refs), n_caps, integrity.text_bytes(names, names, caps, *caps))
+    check_space(writer.path, needed, f"the embeddings of {len(refs):,} clips", FINISH)
+
+
 def _embed_into(
-    reader: FeatureReader, encoder: RunEncoder, writer: IndexWriter, cfg: EmbedConfig, prune: bool
+    reader: FeatureReader, encoder: Encoder, writer: IndexWriter, cfg: EmbedConfig, prune: bool,
+    finish_command: str = "",
 ) -> dict:
-    """Bring the writer's rows in step with the reader's clips; returns the counts of the summary."""
+    """Bring the writer's rows in step with the reader's clips; returns the counts of the summary.
+
+    While it works the index is marked incomplete (a query warns and prints ``finish_command``)."""
     reader.fingerprint()
     removed = _prune(reader, writer) if prune else 0
     todo, update = _changes(reader, writer)
     if update or todo:
         drop_ann_index(writer.path.parent)  # never a FAISS file that disagrees with the rows
+    busy = bool(update or todo) or (writer.captions_wanted and writer.captions_done < writer.count)
+    if busy:  # marked unfinished first: a run stopped by a full disk leaves it saying so
+        writer.begin(writer.count + len(todo), finish_command)
+        _check_room(reader, writer, todo + [ref for _, ref in update], writer.captions_wanted)
     if update:
         writer.forget_captions_from(update[0][0])
     with _progress() as progress:
@@ -281,6 +303,8 @@ def _embed_into(
         _encode_and_write(chunks, encoder, writer, partial(progress.advance, task))
         if writer.captions_wanted:  # caption rows of new and changed clips
             _embed_captions(encoder, writer, progress, cfg.chunk_size)
+    if busy:
+        writer.finish()
     return {
         "clips": writer.count,
         "added": len(todo),
@@ -298,10 +322,51 @@ def _refresh_ann(out: Path, cfg: EmbedConfig, count: int, dim: int) -> str:
         build_ann_index(out, "exact")
         return chosen
     meta_path = out / FAISS_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("count") != count or meta.get("config", {}).get("index_type") != chosen:
-        build_ann_index(out, chosen, AnnConfig(memory=cfg.memory))  # rows changed: the old one was dropped
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        meta = {}
+    stale = meta.get("count") != count or meta.get("config", {}).get("index_type") != chosen
+    if stale or not _faiss_readable(out / FAISS_FILE):
+        build_ann_index(out, chosen, AnnConfig(memory=cfg.memory))  # rows changed, or it is damaged
     return chosen
+
+
+def _load_for_embedding(
+    checkpoint: str | os.PathLike, cfg: EmbedConfig, parts: tuple[str, ...], previous: RunFingerprint | None
+):
+    """(encoder, fingerprint of its weights, the model to record, which, the model config to record).
+
+    A run: its ``cfg.which`` model folder, recorded by absolute path. A CLAP model: loaded first (a hub
+    id may need fetching), fingerprinted by its weights file, recorded as given (the hub id) or by the
+    absolute path of its folder.
+    """
+    from clotho_retrieve.clap import clap_source, is_clap_model
+
+    if is_clap_model(checkpoint):
+        with err_console.status(f"loading {checkpoint}"):
+            encoder = load_model(checkpoint, parts=parts, device=cfg.device, batch_size=cfg.batch_size)
+        if encoder.weights is None:
+            raise ClothoRetrieveError(f"{checkpoint}: found no model.safetensors or pytorch_model.bin")
+        fingerprint = RunFingerprint.of_file(encoder.weights, previous)
+        record = {"model": encoder.name, "embed_dim": encoder.embed_dim, "front_end": encoder.front_end,
+                  "max_text_tokens": encoder.max_text_tokens}  # fmt: skip
+        return encoder, fingerprint, clap_source(checkpoint), "", record
+    model_dir = resolve_model_dir(checkpoint, cfg.which)
+    fingerprint = RunFingerprint.of(model_dir, previous)
+    with err_console.status(f"loading {model_dir}"):
+        encoder = load_model(model_dir, parts=parts, device=cfg.device, batch_size=cfg.batch_size)
+    return encoder, fingerprint, str(Path(checkpoint).resolve()), cfg.which, encoder.model.cfg.to_dict()
+
+
+def _faiss_readable(path: Path) -> bool:
+    import faiss
+
+    try:
+        faiss.read_index(str(path))
+        return True
+    except RuntimeError:
+        return False
 
 
 def embed(
@@ -310,65 +375,133 @@ def embed(
     out: str | os.PathLike,
     cfg: EmbedConfig | None = None,
     prune: bool = False,
-    shard: str | Shard | None = None,
+    shard: str | shards.Shard | None = None,
 ) -> dict:
-    """Embed every clip of ``features`` (file or folder) with the run's audio tower into the INDEX ``out``.
+    """Embed every clip of ``features`` (file or folder) with the model's audio tower into the INDEX ``out``.
 
-    New names are appended, changed clips re-embedded in place, and with ``prune`` rows not in the
-    features removed (see the module docstring). A name in several feature files is taken from the
-    first. Under torchrun, or with ``shard`` ("i/N"), this process writes one part of the index
-    (index/parts.py; parts always hold exactly their shard's clips). Returns a summary dict (clips,
-    added, updated, removed, unchanged, ...).
+    ``checkpoint`` is a run folder, a model folder or a CLAP model (hub id or folder). New names are
+    appended, changed clips re-embedded in place, and with ``prune`` rows not in the features removed
+    (see the module docstring). A name in several feature files is taken from the first. A run's text
+    tower is exported to ONNX beside the index unless a current one is there. Under torchrun, or with
+    ``shard`` ("i/N"), this process writes one part of the index (index/parts.py: a part holds exactly
+    its shard's clips; rank 0 of torchrun merges them). Returns a summary dict (clips, added, updated,
+    removed, unchanged, ..., text_tower: its folder, or None for a CLAP model or a text model that could
+    not be exported).
     """
     cfg = cfg or EmbedConfig()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
-    job = shard_job(shard)
+    job = shards.shard_job(shard)
     if job is not None:
-        check_fresh_target(out)
+        shards.check_fresh_target(out)
         if job.world_size > 1 and cfg.device == "cuda":
             cfg = replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    target = out if job is None else part_dir(out, job.shard)  # the folder this process writes
+    with output_lock(out if job is None else shards.part_dir(out, job.shard)):  # one writer a folder
+        return _embed(checkpoint, features, out, cfg, prune, job)
+
+
+def _finish_command(checkpoint, features, out: Path, cfg: EmbedConfig, captions: bool) -> str:
+    """The `embed` command that finishes this one (absolute paths: a query may run elsewhere)."""
+    import shlex
+
+    words = ["clotho-retrieve", "embed", "--checkpoint", str(Path(checkpoint).resolve()),
+             "--features", str(Path(features).resolve()), "--out", str(out.resolve())]  # fmt: skip
+    words += ["--captions"] if captions else []
+    words += ["--which", cfg.which] if cfg.which != "best" else []
+    return shlex.join(words)
+
+
+def _embed(checkpoint, features, out: Path, cfg: EmbedConfig, prune: bool, job: shards.ShardJob | None):
+    target = out if job is None else shards.part_dir(out, job.shard)  # the folder this process writes
     files = feature_files(features)
-    model_dir = resolve_model_dir(checkpoint, cfg.which)
     previous, had_captions = _recorded_run(target)
-    fingerprint = RunFingerprint.of(model_dir, previous)
     with_captions = cfg.captions or had_captions  # an index with caption embeddings keeps them complete
     parts = ("audio", "text") if with_captions else ("audio",)
-    with err_console.status(f"loading {model_dir}"):
-        encoder = load_model(model_dir, parts=parts, device=cfg.device, batch_size=cfg.batch_size)
-    model_cfg = encoder.model.cfg.to_dict()
+    encoder, fingerprint, run, which, model_cfg = _load_for_embedding(checkpoint, cfg, parts, previous)
     with FeatureReader(files) as reader:
-        reader.check_front_end(encoder.front_end, str(model_dir))
-        run = str(Path(checkpoint).resolve())
+        reader.check_front_end(encoder.front_end, str(checkpoint))
         front_end = reader.front_end.to_dict()
-        shard_of = None if job is None else _take_shard(reader, job, cfg, target)
-        dim = encoder.embed_dim
-        with IndexWriter(target, fingerprint, run, cfg.which, dim, front_end, model_cfg) as writer:
+        shard_of = None if job is None else shards.take_shard(reader, job, cfg.chunk_size, target)
+        with IndexWriter(target, fingerprint, run, which, encoder.embed_dim, front_end, model_cfg) as writer:
             writer.captions_wanted = with_captions
             atomic_write_text(target / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
-            counts = _embed_into(reader, encoder, writer, cfg, prune or job is not None)
+            command = _finish_command(checkpoint, features, out, cfg, with_captions)
+            command += "" if job is None else f" --shard {job.shard.index}/{job.shard.of}"
+            counts = _embed_into(reader, encoder, writer, cfg, prune or job is not None, command)
             if job is not None:
-                mark_done(target, done_record(job.shard, *shard_of, writer))
-    summary = {"index": str(out), **counts, "fingerprint": fingerprint.sha256}
+                shards.mark_done(target, shards.done_record(job.shard, *shard_of, writer))
     if job is not None:
-        barrier(job)  # under torchrun: every part is done past this point
-        if not job.merges:
-            return {**summary, "part": str(target), "index_type": "-"}
-        summary.update(merge_parts(out, job.shard.of))
+        merged = shards.finish_shards(job, out)  # torchrun: every rank's part is done; rank 0 merges
+        if merged is None:
+            return {"index": str(out), **counts, "part": str(target), "index_type": "-", "text_tower": None}
+        counts = {**counts, **merged}
         atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
-    return {**summary, "index_type": _refresh_ann(out, cfg, summary["clips"], encoder.embed_dim)}
+    index_type = _refresh_ann(out, cfg, counts["clips"], encoder.embed_dim)
+    tower = None
+    if isinstance(encoder, RunEncoder):  # our runs (an encoder of another kind has no tower to export)
+        loaded = encoder.model if encoder.model.text is not None else None  # spares loading it again
+        tower = ensure_text_tower(out, fingerprint.model_dir, fingerprint.sha256, model=loaded)
+    return {
+        "index": str(out),
+        **counts,
+        "index_type": index_type,
+        "fingerprint": fingerprint.sha256,
+        "text_tower": None if tower is None else str(tower),
+    }
 
 
-def _take_shard(reader: FeatureReader, job: ShardJob, cfg: EmbedConfig, part: Path) -> tuple:
-    """Restrict the reader to this job's shard of the clips; returns (start, stop, total, clip digest).
+# ----------------------------------------------------------------------------------------------
+# A folder of audio: the model's features first
+# ----------------------------------------------------------------------------------------------
+def model_front_end(model: str | os.PathLike, which: str = "best"):
+    """The front end a model's audio input is computed with: a CLAP model's (from its preprocessor
+    config, no weights loaded), or the one a run was trained on (from its config.json)."""
+    from clotho_retrieve.clap import clap_front_end, is_clap_model
+    from clotho_retrieve.frontend import FrontEnd
 
-    Starts the part over if its rows are not a prefix of the shard (parts.reset_if_reordered)."""
-    names = list(reader.where)
-    start, stop = job.shard.clip_range(len(names), cfg.chunk_size)
-    reader.keep(names[start:stop])
-    clear_done(part)
-    if reset_if_reordered(part, names[start:stop]):
-        err_console.print(f"[yellow]warning:[/] {part}: its shard changed; started over")
-    return start, stop, len(names), clips_digest(names)
+    if is_clap_model(model):
+        return clap_front_end(model)
+    model_dir = resolve_model_dir(model, which)
+    try:
+        trained_on = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("front_end")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ClothoRetrieveError(f"{model_dir / 'config.json'}: unreadable ({exc})") from None
+    if not trained_on:
+        raise ClothoRetrieveError(
+            f"{model_dir}: records no front end; compute the features with `clotho-retrieve features "
+            "--audio-dir DIR --out FILE.h5` and embed them with --features FILE.h5"
+        )
+    return FrontEnd.from_dict(trained_on)
+
+
+def audio_dir_features(
+    model: str | os.PathLike,
+    audio_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    which: str = "best",
+    workers: int = 0,
+    strict: bool = False,
+) -> dict:
+    """Compute, or bring up to date, INDEX/features.h5 for every audio file under ``audio_dir``
+    (recursively, every format `features` reads) with ``model``'s front end; returns features.run_job's
+    result (its "skipped" lists each bad file and why). Refuses a folder where no file could be read."""
+    from clotho_retrieve.audio import AUDIO_SUFFIXES
+    from clotho_retrieve.datasets.folder import audio_dir_job
+    from clotho_retrieve.features import run_job
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
+    job = audio_dir_job(audio_dir, out / AUDIO_DIR_FEATURES)
+    if not job.names:
+        raise ClothoRetrieveError(f"{audio_dir}: no audio files ({', '.join(AUDIO_SUFFIXES)}) under it")
+    front_end = model_front_end(model, which)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_job(job, front_end, workers=workers, strict=strict)
+    if result["clips"] == 0:
+        raise ClothoRetrieveError(
+            f"{audio_dir}: none of its {len(job.names)} audio files could be read "
+            f"(first: {result['skipped'][0][0]}: {result['skipped'][0][1]})"
+        )
+    return result

@@ -4,6 +4,7 @@ Every stage that encodes (train's validation, ``evaluate``, ``embed``, ``query``
 server) goes through :class:`Encoder` and nothing else::
 
     enc = load_model("runs/self-ntxent")          # a run folder, a model folder, best/ or last/
+    enc = load_model("laion/clap-htsat-unfused")  # or a pretrained CLAP model (clap.py): hub id or folder
     A = enc.encode_audio([mel_1, mel_2, ...])     # (B, D) float32, unit norm (numpy)
     T = enc.encode_text(["a dog barks", ...])     # (B, D) float32, unit norm (numpy)
     S = T @ A.T                                   # cosine similarities
@@ -47,6 +48,8 @@ class Encoder(Protocol):
 
     def n_tokens(self, text: str) -> int: ...  # tokens of one text before truncation
 
+    def audio_inputs_from_file(self, path: str | os.PathLike) -> np.ndarray: ...  # one encode_audio input
+
 
 # ----------------------------------------------------------------------------------------------
 # Finding a model on disk
@@ -78,7 +81,11 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 22) -> str:
 
 @dataclass(frozen=True)
 class RunFingerprint:
-    """Which weights produced embeddings: the SHA-256 of model.safetensors (plus its stat, a cache)."""
+    """Which weights produced embeddings: the SHA-256 of the weights file (plus its stat, a cache).
+
+    The file is MODEL_DIR/model.safetensors for our runs; a CLAP checkpoint's is its model.safetensors or
+    pytorch_model.bin (clap.clap_weights_file), in its folder or the hub cache's snapshot folder.
+    """
 
     model_dir: str
     sha256: str
@@ -86,13 +93,21 @@ class RunFingerprint:
     mtime_ns: int
 
     @classmethod
-    def of(cls, model_dir: Path, known: RunFingerprint | None = None) -> RunFingerprint:
-        """Hash the weights, unless ``known`` describes the same unchanged file (same path, size, mtime)."""
-        st = (Path(model_dir) / WEIGHTS_FILE).stat()
+    def of(
+        cls, model_dir: Path, known: RunFingerprint | None = None, weights: str = WEIGHTS_FILE
+    ) -> RunFingerprint:
+        """Hash MODEL_DIR/``weights``, unless ``known`` describes the same unchanged file (same folder,
+        size and mtime)."""
+        st = (Path(model_dir) / weights).stat()  # follows the hub cache's symlink to its blob
         stat = (str(model_dir), st.st_size, st.st_mtime_ns)
         if known is not None and (known.model_dir, known.size, known.mtime_ns) == stat:
             return known
-        return cls(str(model_dir), file_sha256(Path(model_dir) / WEIGHTS_FILE), st.st_size, st.st_mtime_ns)
+        return cls(str(model_dir), file_sha256(Path(model_dir) / weights), st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def of_file(cls, weights: Path, known: RunFingerprint | None = None) -> RunFingerprint:
+        """The fingerprint of one weights file (its folder is the recorded ``model_dir``)."""
+        return cls.of(Path(weights).parent, known, Path(weights).name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,6 +229,15 @@ class RunEncoder:
     def n_tokens(self, text: str) -> int:
         return self.model.text.n_tokens(text)
 
+    def audio_inputs_from_file(self, path: str | os.PathLike) -> np.ndarray:
+        """Decode one audio file into this model's input: (T, M) log-Mel frames of its front end (the one
+        it was trained on); errors name the file."""
+        from clotho_retrieve.frontend import FrontEnd, file_log_mel
+
+        if not self.front_end:
+            raise ClothoRetrieveError(f"{self.name}: the model records no front end to compute inputs with")
+        return file_log_mel(path, FrontEnd.from_dict(self.front_end))[0]
+
     def attention_map(self, mel: np.ndarray) -> np.ndarray | None:
         """One clip's softmax attention weights (T', T') over backbone frames; None for attention none."""
         import torch
@@ -232,18 +256,20 @@ def load_model(
     batch_size: int = 32,
     amp: bool = False,
     threads: int | None = None,
-) -> RunEncoder:
-    """The one way to load a model for encoding: a run folder (its ``which`` model) or a model folder.
+) -> Encoder:
+    """The one way to load a model for encoding: a run folder (its ``which`` model), a model folder, or a
+    pretrained CLAP model (a hub id such as laion/clap-htsat-unfused, or its folder; ``which`` ignored).
 
-    ``parts`` builds only the towers needed (("text",) for text queries: no audio model, and BERT text
-    models skip importing transformers).
+    ``parts`` builds only the towers needed (("text",) for text queries without an ONNX text tower:
+    no audio model; with one, clotho_retrieve/text_onnx.py encodes text without torch).
     """
+    from clotho_retrieve.clap import is_clap_model, load_clap
     from clotho_retrieve.models import RetrievalModel
     from clotho_retrieve.utils import resolve_device
 
+    if is_clap_model(path):
+        return load_clap(path, device=device, parts=parts, batch_size=batch_size, amp=amp, threads=threads)
+
     folder = resolve_model_dir(path, which)
-    fast_text = tuple(parts) == ("text",)
-    model = RetrievalModel.from_pretrained(
-        folder, parts=tuple(parts), device=resolve_device(device), fast_text=fast_text
-    )
+    model = RetrievalModel.from_pretrained(folder, parts=tuple(parts), device=resolve_device(device))
     return RunEncoder(model, name=str(folder), batch_size=batch_size, amp=amp, threads=threads)

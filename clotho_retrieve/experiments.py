@@ -10,10 +10,13 @@ Xiao et al. (2023), Table I, compare on the Clotho evaluation split (text-to-aud
 
 :func:`run_table` trains each variant into ``OUT/<variant>/`` (same seed, same settings except the
 attention module and the loss), evaluates it, and :func:`write_table` writes ``OUT/table.md`` and
-``OUT/table.csv`` with our numbers beside the paper's and beside chance level.
+``OUT/table.csv`` with our numbers beside the paper's and beside chance level. :func:`run_peers` adds
+pretrained CLAP models (``table --peers``), scored zero-shot on the same split with their own input
+(computed from the Clotho root the features came from into ``FEATURES-<model>/``).
 
 Resumable: a variant whose ``OUT/<variant>/table_result.json`` exists is neither retrained nor
-re-evaluated; one whose training was interrupted resumes from its ``last/`` checkpoint.
+re-evaluated; one whose training was interrupted resumes from its ``last/`` checkpoint. A peer whose
+``OUT/peers/<model>.json`` exists is not evaluated again.
 """
 
 from __future__ import annotations
@@ -59,12 +62,16 @@ PAPER_TABLE_I: dict[str, dict[str, float]] = {
 }
 
 RESULT_FILE = "table_result.json"  # per variant: the evaluation metrics, written last (= "finished")
+PEERS_DIR = "peers"  # OUT/peers/<slug>.json: a peer's zero-shot evaluation
 
 
 def parse_variants(spec: str | list[str] | None) -> list[Variant]:
-    """``"gat,self"`` (or a list of names, or None for all four) -> Variants in the paper's order."""
+    """``"gat,self"`` (or a list of names, or None for all four; "none": no variant, e.g. peers only)
+    -> Variants in the paper's order."""
     if spec is None:
         return list(VARIANTS.values())
+    if isinstance(spec, str) and spec.strip().lower() == "none":
+        return []
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
@@ -92,11 +99,21 @@ def chance_level(n_clips: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # Writers
 # ----------------------------------------------------------------------------------------------
-def _rows(results: dict[str, dict[str, float]], n_clips: int) -> list[tuple[str, str, dict[str, float]]]:
-    """(source, label, metrics in %) rows: ours (variants run), the paper's four, chance level."""
-    rows: list[tuple[str, str, dict[str, float]]] = []
+def peer_label(peer: str) -> str:
+    return f"{peer} (zero-shot)"
+
+
+Rows = list[tuple[str, str, dict[str, float]]]
+
+
+def _rows(results: dict[str, dict[str, float]], n_clips: int, peers: dict | None = None) -> Rows:
+    """(source, label, metrics in %) rows: ours (variants run), peers (zero-shot), the paper's four,
+    chance level."""
+    rows: Rows = []
     for name, metrics in results.items():
         rows.append(("ours", VARIANTS[name].label, {m: 100.0 * metrics[m] for m in METRICS}))
+    for peer, metrics in (peers or {}).items():
+        rows.append(("peer", peer_label(peer), {m: 100.0 * metrics[m] for m in METRICS}))
     for name, metrics in PAPER_TABLE_I.items():
         rows.append(("paper", VARIANTS[name].label, dict(metrics)))
     rows.append(
@@ -105,18 +122,22 @@ def _rows(results: dict[str, dict[str, float]], n_clips: int) -> list[tuple[str,
     return rows
 
 
-def table_csv(results: dict[str, dict[str, float]], n_clips: int) -> str:
+def table_csv(results: dict[str, dict[str, float]], n_clips: int, peers: dict | None = None) -> str:
     """CSV with columns source, variant, R@1, R@5, R@10, mAP@10 (percent, 2 decimals)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["source", "variant", *METRICS])
-    for source, label, metrics in _rows(results, n_clips):
+    for source, label, metrics in _rows(results, n_clips, peers):
         writer.writerow([source, label, *(f"{metrics[m]:.2f}" for m in METRICS)])
     return buf.getvalue()
 
 
 def table_markdown(
-    results: dict[str, dict[str, float]], n_clips: int, split: str = "evaluation", note: str = ""
+    results: dict[str, dict[str, float]],
+    n_clips: int,
+    split: str = "evaluation",
+    note: str = "",
+    peers: dict | None = None,
 ) -> str:
     """Markdown table: our rows, then the paper's Table I, then chance level (all in %)."""
     lines = [
@@ -125,13 +146,16 @@ def table_markdown(
         "| source | variant | " + " | ".join(METRICS) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in METRICS) + " |",
     ]
-    for source, label, metrics in _rows(results, n_clips):
+    for source, label, metrics in _rows(results, n_clips, peers):
         lines.append(f"| {source} | {label} | " + " | ".join(f"{metrics[m]:.1f}" for m in METRICS) + " |")
     lines += [
         "",
         "Paper: Xiao, Zhu, Guan, Wang (2023), Table I, Clotho v2.1 evaluation split. "
         "Chance: R@k = k/N, mAP@10 = (1/N) sum_{r<=10} 1/r.",
     ]
+    if peers:
+        lines += ["", "Peers: pretrained CLAP models, not trained on Clotho here (zero-shot), each given its "
+                  "own ClapFeatureExtractor input of the same clips."]  # fmt: skip
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -143,22 +167,41 @@ def write_table(
     n_clips: int,
     split: str = "evaluation",
     note: str = "",
+    peers: dict[str, dict[str, float]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``out_dir/table.md`` and ``out_dir/table.csv`` atomically; return their paths.
 
-    ``results`` maps variant names (keys of :data:`VARIANTS`) to metric dicts with fractions in [0, 1].
+    ``results`` maps variant names (keys of :data:`VARIANTS`) to metric dicts with fractions in [0, 1];
+    ``peers`` maps pretrained models (as given to --peers) to the same (rows "MODEL (zero-shot)").
     """
-    for name, metrics in results.items():
+    for name in results:
         if name not in VARIANTS:
             raise ClothoRetrieveError(f"table: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    for name, metrics in {**results, **(peers or {})}.items():
         missing = [m for m in METRICS if m not in metrics]
         if missing:
             raise ClothoRetrieveError(f"table: results of {name!r} lack {', '.join(missing)}")
     out_dir = Path(out_dir)
     md_path, csv_path = out_dir / "table.md", out_dir / "table.csv"
-    atomic_write_text(md_path, table_markdown(results, n_clips, split, note))
-    atomic_write_text(csv_path, table_csv(results, n_clips))
+    atomic_write_text(md_path, table_markdown(results, n_clips, split, note, peers))
+    atomic_write_text(csv_path, table_csv(results, n_clips, peers))
     return md_path, csv_path
+
+
+def rich_table(results: dict[str, dict[str, float]], split: str, peers: dict | None = None):
+    """The table `table` prints: ours / the paper's per variant run, then each peer (zero-shot), in %."""
+    from rich.table import Table
+
+    table = Table(title=f"Table I on the {split} split: text-to-audio, %, ours / paper")
+    table.add_column("variant")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    for name, metrics in results.items():
+        paper = PAPER_TABLE_I[name]
+        table.add_row(VARIANTS[name].label, *(f"{100 * metrics[m]:.1f} / {paper[m]:.1f}" for m in METRICS))
+    for peer, metrics in (peers or {}).items():
+        table.add_row(peer_label(peer), *(f"{100 * metrics[m]:.1f} / -" for m in METRICS))
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,12 +257,14 @@ def run_table(
     train_cfg,
     variants: str | list[str] | None = None,
     split: str = "evaluation",
+    peers: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, dict[str, float]], Path, Path]:
     """Train and evaluate each variant with identical settings and seed; write table.md and table.csv.
 
     ``model_cfg`` (ModelConfig) and ``train_cfg`` (TrainConfig) hold the shared settings; each variant
     only changes ``model_cfg.attention`` and ``train_cfg.loss`` and trains into ``out/<variant>/``.
-    Returns (text-to-audio metrics per variant as fractions, table.md path, table.csv path).
+    ``peers``: zero-shot rows to add (:func:`run_peers`' result). Returns (text-to-audio metrics per
+    variant as fractions, table.md path, table.csv path).
     """
     from clotho_retrieve.evaluate import evaluate
     from clotho_retrieve.feature_file import FeatureFile, features_path
@@ -275,5 +320,77 @@ def run_table(
         record = {"variant": dataclasses.asdict(variant), "split": split, "run": str(run), "metrics": metrics}
         atomic_write_text(result_path, json.dumps(record, indent=2, default=float) + "\n")
 
-    md_path, csv_path = write_table(results, out, n_clips, split, note)
+    for peer, metrics in (peers or {}).items():
+        if metrics.get("n_clips", n_clips) != n_clips:
+            note += (f"\n\n{peer_label(peer)} is scored on {metrics['n_clips']} clips: its features of the "
+                     f"split hold a different set of readable clips than {eval_file}.")  # fmt: skip
+    md_path, csv_path = write_table(results, out, n_clips, split, note.strip(), peers)
     return results, md_path, csv_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Peers: pretrained CLAP models, zero-shot
+# ----------------------------------------------------------------------------------------------
+def peer_slug(peer: str) -> str:
+    """A folder-name-safe form of a model name: laion/clap-htsat-unfused -> laion-clap-htsat-unfused."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._]+", "-", str(peer).strip("/")).strip("-.") or "model"
+
+
+def peer_features(features: Path, peer: str, split: str, workers: int = 0) -> Path:
+    """The features folder holding ``split`` with ``peer``'s front end: FEATURES-<slug>/, computed (or
+    brought up to date) from the Clotho root recorded in FEATURES/<split>.h5 (its ``source`` attribute)."""
+    from clotho_retrieve.feature_file import FeatureFile, features_path
+    from clotho_retrieve.features import FeaturesConfig, compute_features
+
+    features = Path(features)
+    folder = features.parent / f"{features.name}-{peer_slug(peer)}"
+    with FeatureFile(features_path(features, split)) as ff:
+        root = ff.attrs.get("source")
+    if root and Path(root).is_dir():
+        compute_features(FeaturesConfig(model=peer, workers=workers), root=root, out=folder, splits=[split])
+    elif not features_path(folder, split).is_file():
+        raise ClothoRetrieveError(
+            f"{features_path(features, split)}: its Clotho root ({root or 'not recorded'}) is not here to "
+            f"compute {peer}'s input from; run `clotho-retrieve features --root ROOT --split {split} "
+            f"--model {peer} --out {folder}`"
+        )
+    return folder
+
+
+def run_peers(
+    features: str | Path,
+    out: str | Path,
+    peers: str | list[str] | None,
+    split: str = "evaluation",
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Score each pretrained model of ``peers`` ("A,B" or a list) zero-shot on ``split``: its features
+    (:func:`peer_features`), then evaluate(); results cached in OUT/peers/<slug>.json. Returns model ->
+    text-to-audio metrics (fractions) plus "n_clips"."""
+    from clotho_retrieve.clap import is_clap_model
+    from clotho_retrieve.evaluate import evaluate
+
+    names = peers.split(",") if isinstance(peers, str) else list(peers or [])
+    results: dict[str, dict[str, float]] = {}
+    for peer in (n.strip() for n in names if n.strip()):
+        if not is_clap_model(peer):
+            raise ClothoRetrieveError(
+                f"--peers {peer}: not a CLAP model (a hub id such as laion/clap-htsat-unfused, or a folder "
+                "whose config.json has model_type clap)"
+            )
+        result_path = Path(out) / PEERS_DIR / f"{peer_slug(peer)}.json"
+        if result_path.is_file():
+            record = json.loads(result_path.read_text(encoding="utf-8"))
+            err_console.print(f"[green]{peer}[/]: scored earlier ({result_path})")
+        else:
+            err_console.rule(f"{peer_label(peer)}")
+            folder = peer_features(Path(features), peer, split, workers)
+            metrics = evaluate(peer, folder, split, batch_size=batch_size, device=device)
+            record = {"peer": peer, "split": split, "features": str(folder), "metrics": metrics}
+            atomic_write_text(result_path, json.dumps(record, indent=2, default=float) + "\n")
+        results[peer] = {**_text_to_audio(record["metrics"]), "n_clips": record["metrics"].get("n_clips")}
+    return results

@@ -12,6 +12,8 @@ HDF5 layout::
     /skipped/names, /skipped/reasons  (M,) str  files left out and why
     /skipped/source_size, /skipped/source_mtime_ns  (M,) int64   same, -1 for problems found before decoding
     attrs: every FrontEnd field (mel_norm None is stored as "none"), format, format_version, source, split
+           (a CLAP model's features: every ClapFrontEnd field, preset "clap"; /mel holds its (C * T, F)
+           input rows per clip, see clap.py)
 
 Format version 2 added the source_* datasets (what lets a re-run reuse unchanged clips); version 1 files
 are still read, with every size and mtime unknown (-1), so nothing of theirs is reused.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.frontend import FrontEnd
+from clotho_retrieve.frontend import FrontEnd, front_end_from_dict
 from clotho_retrieve.utils import ClothoRetrieveError
 
 FORMAT = "clotho-retrieve-features"
@@ -99,7 +101,7 @@ class FeatureFile:
 
     def _read_metadata(self, h5) -> None:
         self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()}
-        self.front_end = FrontEnd.from_dict(self.attrs)
+        self.front_end = front_end_from_dict(self.attrs)  # a FrontEnd, or a ClapFrontEnd
         self.names: list[str] = _strings(h5["names"])
         caps = h5["captions"]
         k = caps.shape[1]
@@ -168,7 +170,7 @@ def write_feature_file(
     names: list[str],
     mels: Iterable[np.ndarray],
     durations: list[float],
-    front_end: FrontEnd,
+    front_end: FrontEnd,  # or a clap.ClapFrontEnd: its (C * T, F) input rows are stored the same way
     captions: list[list[str]] | None = None,
     skipped: list[tuple[str, str]] | None = None,
     n_frames: list[int] | None = None,
@@ -184,6 +186,7 @@ def write_feature_file(
     """
     import h5py
 
+    from clotho_retrieve.safety import h5_new_file
     from clotho_retrieve.utils import atomic_path
 
     path = Path(path)
@@ -199,11 +202,14 @@ def write_feature_file(
     sources = _source_array(sources, len(names))
     skipped_sources = _source_array(skipped_sources, len(skipped))
     text = h5py.string_dtype("utf-8")
+    texts = [*names, *cap.ravel().tolist(), *(x for s in skipped for x in s)]
+    strings = sum(len(s.encode()) + 32 for s in texts)  # variable-length strings: HDF5's global heap
+    needed = int(offsets[-1]) * front_end.n_mels * 4 + 40 * (len(names) + len(skipped)) + 2 * strings
     with atomic_path(path, suffix=".h5.tmp") as tmp:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        with h5py.File(tmp, "w") as h5:
+        with h5_new_file(tmp, needed, "the features file", path) as h5:
             _write_mels(h5, mels, offsets, front_end.n_mels)
             h5.create_dataset("offsets", data=offsets)
             h5.create_dataset("n_frames", data=n_frames)
@@ -224,14 +230,36 @@ def write_feature_file(
     return path
 
 
+WRITE_BYTES = 4 << 20  # clips smaller than this are gathered into slabs of about this size
+
+
 def _write_mels(h5, mels: Iterable[np.ndarray], offsets: np.ndarray, n_mels: int) -> None:
-    """/mel: clip i's (T_i, n_mels) frames at rows offsets[i]:offsets[i + 1], one clip at a time."""
+    """/mel: clip i's (T_i, n_mels) frames at rows offsets[i]:offsets[i + 1]. Long clips are written as
+    they come; runs of short ones are gathered into slabs of about WRITE_BYTES (few HDF5 calls for many
+    small clips, bounded memory)."""
     mel_ds = h5.create_dataset("mel", shape=(int(offsets[-1]), n_mels), dtype=np.float32)
+    slab: list[np.ndarray] = []
+    start = 0  # first row of the slab
+
+    def flush(end: int) -> None:
+        if end > start:
+            mel_ds[start:end] = np.concatenate(slab) if len(slab) > 1 else slab[0]
+        slab.clear()
+
     for m, a, b in zip(mels, offsets[:-1], offsets[1:], strict=True):
         if m.shape != (b - a, n_mels):
             raise ValueError(f"clip features {m.shape}, expected ({b - a}, {n_mels})")
-        if b > a:
-            mel_ds[a:b] = m
+        if m.nbytes >= WRITE_BYTES // 16:  # long enough to write alone
+            flush(a)
+            if b > a:
+                mel_ds[a:b] = m
+            start = b
+            continue
+        slab.append(m)
+        if (b - start) * n_mels * 4 >= WRITE_BYTES:
+            flush(b)
+            start = b
+    flush(int(offsets[-1]))
 
 
 def _source_array(sources, n: int) -> np.ndarray:

@@ -1,9 +1,12 @@
 """Query an embedding index: text-to-audio (the paper's task), audio-to-audio and audio-to-text.
 
-Queries are encoded by the run's Encoder (clotho_retrieve/encoder.py). A text query loads the text
-tower only (BERT [CLS] -> projector -> unit norm; no audio model, and no transformers import for BERT).
-An example recording is turned into a log-Mel with the index's front end and encoded by the audio
-tower. Either way the ranking is by cosine similarity (dot product of unit vectors) against the index
+Queries are encoded by the Encoder of the model that built the index (clotho_retrieve/encoder.py): a
+run of ours or a pretrained CLAP model (clap.py). A text query of a run's index on the CPU runs the ONNX
+export of the run's text tower kept in the index (BERT [CLS] -> projector -> unit norm, with onnxruntime
+and tokenizers: no torch, no transformers; clotho_retrieve/text_onnx.py); an index without one answers
+through torch, loading the text tower only, after a one-line note on how to export it. An example
+recording is turned into the model's audio input (encoder.audio_inputs_from_file) and encoded by the
+audio tower. Either way the ranking is by cosine similarity (dot product of unit vectors) against the index
 (clotho_retrieve/index/; see docs/). The run is found from the index, or given and checked against the
 fingerprint the index recorded, so embeddings of two different runs are never compared.
 """
@@ -16,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clotho_retrieve.encoder import RunEncoder, RunFingerprint, load_model, resolve_model_dir
+from clotho_retrieve.encoder import Encoder, RunFingerprint, load_model, resolve_model_dir
 from clotho_retrieve.index import EmbeddingIndex, exact_search
+from clotho_retrieve.text_onnx import open_text_tower
 from clotho_retrieve.utils import ClothoRetrieveError, err_console
 
 
@@ -45,17 +49,24 @@ class QueryResult:
 # ----------------------------------------------------------------------------------------------
 # Loading the run that built the index
 # ----------------------------------------------------------------------------------------------
-def load_index_model(
-    index: EmbeddingIndex,
-    parts: tuple[str, ...],
-    checkpoint: str | os.PathLike | None = None,
-    device: str = "cpu",
-) -> RunEncoder:
-    """The Encoder of the run that built ``index`` (only ``parts``), after checking its weights' fingerprint.
+def index_model_dir(index: EmbeddingIndex, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The model folder of the run that built ``index``, after checking its weights' fingerprint.
 
     Without ``checkpoint`` the model folder recorded in the index is used. The fingerprint is the
     SHA-256 of model.safetensors; the recorded size and mtime spare re-hashing an unchanged file.
     """
+    from clotho_retrieve.clap import is_clap_front_end, is_clap_model
+
+    if is_clap_front_end(index.front_end):
+        raise ClothoRetrieveError(
+            f"{index.path}: built by the CLAP model {index.run}, not by a run of ours (no run folder, no "
+            "ONNX text tower)"
+        )
+    if checkpoint is not None and is_clap_model(checkpoint):
+        raise ClothoRetrieveError(
+            f"{index.path}: built by the run {index.run}, not by a CLAP model; --model {checkpoint} cannot "
+            "query it (embed again with it into a new index)"
+        )
     if checkpoint is None:
         model_dir = Path(index.fingerprint.model_dir)
         if not (model_dir / "model.safetensors").is_file():
@@ -73,10 +84,67 @@ def load_index_model(
             f"{index.path}: built by another run (weights {index.fingerprint.sha256[:12]}) than {where} "
             f"(weights {fp.sha256[:12]}); embed again with this run, or pass the right --checkpoint"
         )
+    return model_dir
+
+
+def load_index_model(
+    index: EmbeddingIndex,
+    parts: tuple[str, ...],
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "cpu",
+) -> Encoder:
+    """The Encoder of the model that built ``index`` (only ``parts``), its weights' fingerprint checked.
+
+    Without ``checkpoint`` the model recorded in the index is used: a run's model folder
+    (:func:`index_model_dir`), or a CLAP model's hub id or folder. Text only on the CPU, for a run: the
+    index's ONNX text tower when it has a current one (exported from the index's weights, so without
+    ``checkpoint`` it answers even when the run has moved), else torch after a one-line note (printed by
+    open_text_tower).
+    """
+    from clotho_retrieve.clap import is_clap_front_end
+
     # One CPU thread for text: a query is a few tokens, and on a busy CPU every multi-threaded op waits
-    # for a descheduled worker (see RunEncoder). A text-only model skips transformers (models/bert.py).
+    # for a descheduled worker (see RunEncoder).
     threads = 1 if tuple(parts) == ("text",) else None
+    if is_clap_front_end(index.front_end):
+        return _load_index_clap(index, parts, checkpoint, device, threads)
+    text_cpu = tuple(parts) == ("text",) and device == "cpu"
+    if text_cpu and checkpoint is None:
+        tower = open_text_tower(index.path, index.fingerprint.sha256)
+        if tower is not None:
+            return tower
+        model_dir = index_model_dir(index)
+    else:
+        model_dir = index_model_dir(index, checkpoint)
+        if text_cpu and (tower := open_text_tower(index.path, index.fingerprint.sha256)) is not None:
+            return tower  # --checkpoint is the index's run (checked above): its tower is the index's
     return load_model(model_dir, parts=tuple(parts), device=device, threads=threads)
+
+
+def _load_index_clap(index: EmbeddingIndex, parts, checkpoint, device: str, threads: int | None) -> Encoder:
+    """The CLAP model that built ``index`` (recorded hub id or folder, or ``checkpoint``), checked by the
+    fingerprint of its weights file."""
+    from clotho_retrieve.clap import is_clap_model
+
+    spec = index.run if checkpoint is None else str(checkpoint)
+    where = f"the model recorded in {index.path} ({spec})" if checkpoint is None else f"--model {spec}"
+    if not is_clap_model(spec):
+        if checkpoint is None:
+            raise ClothoRetrieveError(
+                f"{index.path}: the CLAP model that built it ({spec}) is gone; pass --model with its new "
+                "location"
+            )
+        raise ClothoRetrieveError(f"{index.path}: built by the CLAP model {index.run}; {where} is not one")
+    encoder = load_model(spec, parts=tuple(parts), device=device, threads=threads)
+    if encoder.weights is None:
+        raise ClothoRetrieveError(f"{spec}: found no model.safetensors or pytorch_model.bin")
+    fp = RunFingerprint.of_file(encoder.weights, known=index.fingerprint)
+    if fp.sha256 != index.fingerprint.sha256:
+        raise ClothoRetrieveError(
+            f"{index.path}: built by other weights ({index.run}, {index.fingerprint.sha256[:12]}) than "
+            f"{where} ({fp.sha256[:12]}); embed again with this model, or pass the right --model"
+        )
+    return encoder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +240,8 @@ def query_audio(
 ) -> list[QueryResult]:
     """Query by example recordings: audio-to-audio (target audio) or audio-to-text (target captions).
 
-    Each recording becomes a log-Mel (T_i, M) with the index's front end, then an embedding."""
+    Each recording becomes the model's input (encoder.audio_inputs_from_file: a run's log-Mel (T_i, M),
+    a CLAP model's ClapFeatureExtractor input), then an embedding."""
     from clotho_retrieve.frontend import FrontEnd, file_log_mel
 
     index = index if isinstance(index, EmbeddingIndex) else EmbeddingIndex(index)
@@ -180,9 +249,11 @@ def query_audio(
         if not Path(p).is_file():
             raise ClothoRetrieveError(f"{p}: no such audio file")
     encoder = encoder or load_index_model(index, ("audio",), checkpoint, device)
-    front_end = FrontEnd.from_dict(index.front_end)
-    mels = [file_log_mel(p, front_end)[0] for p in paths]  # (T_i, M) each
-    return rank(index, [str(p) for p in paths], encoder.encode_audio(mels), "audio", k, target)
+    if encoder.front_end:  # what the index was embedded with (embed checks the two agree)
+        inputs = [encoder.audio_inputs_from_file(p) for p in paths]
+    else:  # a model that records no front end: the index's
+        inputs = [file_log_mel(p, FrontEnd.from_dict(index.front_end))[0] for p in paths]
+    return rank(index, [str(p) for p in paths], encoder.encode_audio(inputs), "audio", k, target)
 
 
 def read_queries_file(path: str | os.PathLike) -> list[str]:

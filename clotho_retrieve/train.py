@@ -170,10 +170,11 @@ def _prepare_run(run: Path, model_cfg: ModelConfig, cfg: TrainConfig, ddp: DistI
         if ddp.main:
             checkpoints.recover(run)
         distributed.barrier(ddp)
-        model_cfg, cfg, saved_front_end = checkpoints.load_resume_config(run, cfg)
+        model_cfg, cfg, saved_front_end = checkpoints.load_resume_config(run, model_cfg, cfg)
     elif (run / "config.json").exists() or (run / "last").exists():
         raise ClothoRetrieveError(
-            f"{run}: already holds a run; pass --resume to continue it, or another --out"
+            f"{run}: already holds a run; continue it with `{checkpoints.resume_command(run)}`, or choose "
+            "another --out"
         )
     distributed.barrier(ddp)  # every process has looked at RUN before rank 0 writes into it
     _validate_settings(cfg, ddp.world_size)
@@ -189,6 +190,11 @@ def _open_data(run: Path, model_cfg: ModelConfig, cfg: TrainConfig, saved_front_
     if expected is None and model_cfg.front_end is not None:
         expected, expected_from = model_cfg.front_end, "the model config's front end"
     front_end = check_front_ends(train_files + ([val_file] if val_file else []), expected, expected_from)
+    if front_end.get("preset") == "clap":  # clap.CLAP_PRESET: a pretrained CLAP model's input rows
+        raise ClothoRetrieveError(
+            f"{train_files[0].path}: holds a CLAP model's input (`features --model`); train on log-Mel "
+            "features (`features --preset paper` or panns)"
+        )
     if front_end["n_mels"] != model_cfg.n_mels:
         raise ClothoRetrieveError(
             f"{train_files[0].path}: {front_end['n_mels']} Mel bands, the model expects {model_cfg.n_mels}"
@@ -347,6 +353,17 @@ def train(
 
     ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint is on disk.
     """
+    import contextlib
+    import os
+
+    from clotho_retrieve.safety import output_lock
+
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run folder
+    with output_lock(train_cfg.out) if main else contextlib.nullcontext():
+        return _train(model_cfg, train_cfg, on_epoch_end)
+
+
+def _train(model_cfg: ModelConfig, train_cfg: TrainConfig, on_epoch_end) -> Path:
     t = setup(model_cfg, train_cfg)
     try:
         for epoch in range(t.state.epoch + 1, t.cfg.epochs + 1):

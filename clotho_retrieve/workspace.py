@@ -187,7 +187,7 @@ class Workspace:
 
     def command(self, *args: str) -> str:
         """The command line to suggest, e.g. ``clotho-retrieve features`` (+ ``--workspace ROOT``)."""
-        words = [PROG, *args] + (["--workspace", str(self.root)] if self.source == "option" else [])
+        words = [PROG, *(["--workspace", str(self.root)] if self.source == "option" else []), *args]
         return " ".join(_quote(w) for w in words)
 
     def _need(self, what: str, *command: str, also: str = "") -> ClothoRetrieveError:
@@ -223,6 +223,14 @@ class Workspace:
             where = self.show(self.features)
             raise self._need(f"no {split} features in {where}", "features", "--split", split)
         return path
+
+    def embed_features(self) -> Path:
+        """embed's default --features: the evaluation split, or, in a workspace whose data/features holds
+        no Clotho split (a sound library: `features --audio-dir`), every feature file in it."""
+        files = [p.stem for p in self.feature_files()]
+        if files and not any(s in files for s in SPLITS):
+            return self.features
+        return self.features_file("evaluation")
 
     def new_run_dir(self, attention: str, loss: str) -> Path:
         """Reserve ROOT/runs/ATTENTION-LOSS, or -2, -3, ... when taken; the folder is created (mkdir is
@@ -298,12 +306,15 @@ class Workspace:
 
     def index_dir_for(self, run: str | os.PathLike) -> Path:
         """embed's default --out for ``run``: ROOT/indexes/RUN_NAME when free, empty or already this run's
-        index (so a re-run brings it in step), else the next free RUN_NAME-2, -3, ..."""
-        run = Path(run).resolve()
-        base = _slug(run.name)
+        index (so a re-run brings it in step), else the next free RUN_NAME-2, -3, ... A CLAP model is
+        recorded as embed records it (clap_source: its hub id, or its folder's absolute path)."""
+        from clotho_retrieve.clap import clap_source, is_clap_model
+
+        run = clap_source(run) if is_clap_model(run) else str(Path(run).resolve())
+        base = _slug(Path(run).name)
         for n in itertools.count(1):
             path = self.indexes / (base if n == 1 else f"{base}-{n}")
-            if path.is_dir() and (not any(path.iterdir()) or _index_attrs(path).get("run") == str(run)):
+            if path.is_dir() and (not any(path.iterdir()) or _index_attrs(path).get("run") == run):
                 return path
             if not path.exists():
                 with contextlib.suppress(FileExistsError):

@@ -129,8 +129,9 @@ def feature_file_status(path: Path) -> dict:
     """One features file, from its attributes and dataset shapes only."""
     import h5py
 
+    from clotho_retrieve.clap import CLAP_PRESET, ClapFrontEnd
     from clotho_retrieve.feature_file import FORMAT
-    from clotho_retrieve.frontend import PRESETS, FrontEnd
+    from clotho_retrieve.frontend import PRESETS, front_end_from_dict
 
     entry = _file_entry(path.name)
     try:
@@ -138,8 +139,9 @@ def feature_file_status(path: Path) -> dict:
             if h5.attrs.get("format") != FORMAT:
                 entry["state"] = "unreadable (not a clotho-retrieve features file)"
                 return entry
-            front_end = FrontEnd.from_dict(dict(h5.attrs))
+            front_end = front_end_from_dict(dict(h5.attrs))
             preset = next((name for name, fe in PRESETS.items() if fe == front_end), "custom")
+            preset = CLAP_PRESET if isinstance(front_end, ClapFrontEnd) else preset
             entry.update(
                 split=str(h5.attrs.get("split", "")) or None,
                 front_end=preset,

@@ -19,6 +19,17 @@ def minilm_path() -> str:
     return str(gt.get_model_path())
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small file systems to fill (tmpfs; the test is skipped, with the reason, where that needs root
+    and we are not): ``tmpfs.mount("1500k")`` -> folder, ``tmpfs.resize(folder, "4m")``; robust_helpers."""
+    from robust_helpers import Tmpfs
+
+    fs = Tmpfs(tmp_path / "mnt")
+    yield fs
+    fs.close()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module: tiny models run fastest (and bit-reproducibly) on one thread,
@@ -87,3 +98,30 @@ def overfit_run(tmp_path_factory, six_clip_features, minilm_path):
     )  # fmt: skip
     with torch_threads(1):
         return train(model_cfg(minilm_path, text_trainable_layers=1, dropout=0.0), cfg)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _workspace_outside_the_repo(tmp_path_factory):
+    """CLI stages record what they made in the workspace (default: the current folder); tests that do
+    not choose one get a temporary workspace, never the repository."""
+    os.environ["CLOTHO_RETRIEVE_WORKSPACE"] = str(tmp_path_factory.mktemp("workspace"))
+
+
+@pytest.fixture(scope="module")
+def embed_inputs(tmp_path_factory, minilm_path):
+    """A random tiny run (test_embed.make_run), 12 clips with captions, and their index embedded without
+    trouble (chunks of 4): what the full-disk and second-writer tests compare with."""
+    from test_embed import make_run, synthetic_mels
+
+    from clotho_retrieve.embed import EmbedConfig, embed
+    from clotho_retrieve.feature_file import write_feature_file
+    from clotho_retrieve.frontend import FrontEnd
+
+    folder = tmp_path_factory.mktemp("embed_inputs")
+    make_run(folder / "run", minilm_path)
+    captions = [[f"sound {i}", f"noise {i}"] for i in range(12)]
+    names = [f"c{i:02d}.wav" for i in range(12)]
+    clips = write_feature_file(folder / "clips.h5", names, synthetic_mels(12, 3), [2.0] * 12, FrontEnd(),
+                               captions=captions)
+    embed(folder / "run", clips, folder / "reference", EmbedConfig(chunk_size=4, captions=True))
+    return folder / "run", clips, folder / "reference"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 import typer
@@ -70,11 +71,12 @@ def test_every_option_shows_its_fields_default_and_help(command, monkeypatch):
             assert f"[default: {_shown_default(f)}]" in line, line
 
 
-def test_train_options_reach_the_configs_parsed(monkeypatch):
+def test_train_options_reach_the_configs_parsed(monkeypatch, tmp_path):
     import clotho_retrieve.train
 
+    monkeypatch.chdir(tmp_path)  # the workspace records the run it started
     calls = []
-    monkeypatch.setattr(clotho_retrieve.train, "train", lambda m, t: calls.append((m, t)))
+    monkeypatch.setattr(clotho_retrieve.train, "train", lambda m, t: calls.append((m, t)) or Path(t.out))
     args = ["train", "--out", "runs/x", "--backbone", "tiny", "--train-splits", "development, validation",
             "--val-split", "none", "--no-spec-augment", "--lr", "0.001", "--attention", "gat",
             "--resume"]  # fmt: skip
@@ -86,9 +88,13 @@ def test_train_options_reach_the_configs_parsed(monkeypatch):
     assert train_cfg.train_splits == ("development", "validation")
     assert train_cfg.val_split is None and train_cfg.audio_weights is None
     assert (train_cfg.spec_augment, train_cfg.resume, train_cfg.lr) == (False, True, 0.001)
-    assert (train_cfg.out, train_cfg.features, train_cfg.batch_size) == ("runs/x", "features", 60)
+    # --resume without --features keeps the run's own (None here: checkpoints.load_resume_config)
+    assert (train_cfg.out, train_cfg.features, train_cfg.batch_size) == ("runs/x", None, 60)
 
 
-def test_train_requires_out():
-    result = CliRunner().invoke(app, ["train", "--features", "f"])
-    assert result.exit_code == 2 and "--out" in result.output
+def test_train_without_features_names_the_stage_to_run(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLOTHO_RETRIEVE_WORKSPACE", raising=False)
+    result = CliRunner().invoke(app, ["train"])
+    assert result.exit_code == 1
+    assert "no features in data/features; run: clotho-retrieve features" in result.output

@@ -456,7 +456,7 @@ def test_download_panns_without_md5_checks_the_file_format(tmp_path, monkeypatch
 
 def test_text_model(minilm_path):
     assert download.download_text_model(minilm_path) == Path(minilm_path)  # a local folder: nothing to fetch
-    with pytest.raises(ClothoRetrieveError, match=r"text model 'no-such-org/no-such-model': could not fetch"):
+    with pytest.raises(ClothoRetrieveError, match=r"model 'no-such-org/no-such-model': could not fetch"):
         download.download_text_model("no-such-org/no-such-model")  # HF_HUB_OFFLINE=1 in conftest
 
 

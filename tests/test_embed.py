@@ -62,6 +62,13 @@ def synthetic_mels(n: int, seed: int) -> list[np.ndarray]:
     return mels
 
 
+@pytest.fixture(autouse=True)
+def no_text_tower_export(monkeypatch):
+    """Exporting MiniLM's text tower to ONNX takes ~12 s per new index, and the mechanics tested here do
+    not need it: test_query.py tests embed's export and the queries that use it."""
+    monkeypatch.setattr("clotho_retrieve.embed.ensure_text_tower", lambda *args, **kwargs: None)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, minilm_path):
     folder = tmp_path_factory.mktemp("run")

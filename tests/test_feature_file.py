@@ -54,3 +54,18 @@ def test_feature_file_refuses_other_files(tmp_path):
                                format_version=feature_file.FORMAT_VERSION + 1)
     with pytest.raises(ClothoRetrieveError, match="newer"):
         FeatureFile(newer)
+
+
+def test_long_and_short_clips_are_written_in_slabs(tmp_path, monkeypatch):
+    """Short clips are gathered into slabs, long ones written alone: every clip reads back unchanged."""
+    monkeypatch.setattr(feature_file, "WRITE_BYTES", 16 * 64 * 4 * 4)  # slabs of 64 rows; alone from 4 rows
+    rng = np.random.default_rng(1)
+    lengths = [1, 2, 3, 40, 1, 1, 9, 2, 100] + [3] * 30 + [2]  # 90 short rows in a row: one slab is full
+    mels = [rng.standard_normal((n, 64)).astype(np.float32) for n in lengths]
+    names = [f"c{i}.wav" for i in range(len(mels))]
+    path = write_feature_file(tmp_path / "x.h5", names, iter(mels), [1.0] * len(mels), PRESETS["paper"],
+                              n_frames=lengths)
+    f = FeatureFile(path)
+    assert f.n_frames.tolist() == lengths
+    for i, m in enumerate(mels):
+        assert np.array_equal(f[i], m), i

@@ -22,10 +22,13 @@ from clotho_retrieve import feature_file, features
 from clotho_retrieve.cli import app
 from clotho_retrieve.demo import DemoConfig, make_demo_data
 from clotho_retrieve.feature_file import FeatureFile, features_path
+from clotho_retrieve.feature_parts import WorkFolder
 from clotho_retrieve.features import FeaturesConfig, compute_features
 from clotho_retrieve.frontend import PRESETS, log_mel
 from clotho_retrieve.utils import ClothoRetrieveError
 
+SLOW_CLI = Path(__file__).with_name("slow_features.py")
+REPO_PATH = os.pathsep.join([str(Path(features.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
 
 def _csv_rows(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as fh:
@@ -69,7 +72,7 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     audio = write_clips(tmp_path / "audio", 8)
     compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=tmp_path / "ref.h5")
 
-    real, calls = features._compute_shard, []
+    real, calls = features._compute_clip, []
 
     def crashing(*args):
         calls.append(args[0])
@@ -77,11 +80,11 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if killed while computing the 4th clip
         return real(*args)
 
-    monkeypatch.setattr(features, "_compute_shard", crashing)
+    monkeypatch.setattr(features, "_compute_clip", crashing)
     with pytest.raises(KeyboardInterrupt):
         compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=tmp_path / "out.h5")
     assert not (tmp_path / "out.h5").exists()
-    monkeypatch.setattr(features, "_compute_shard", real)
+    monkeypatch.setattr(features, "_compute_clip", real)
     # leftovers of a kill -9 during a shard write and during assembly are cleaned up
     work = next(tmp_path.glob(".out.h5.*.work"))
     (work / "deadbeef.npz.part").write_bytes(b"half")
@@ -92,18 +95,30 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path, monkeypatch):
     _same_file(tmp_path / "out.h5", tmp_path / "ref.h5")
 
 
+def clips_done(folder: Path, out_name: str) -> set[str]:
+    """Names of the clips the batch files of ``out_name``'s work folders hold (a killed run's progress)."""
+    done = set()
+    for work in folder.glob(f".{out_name}.*.work"):
+        parts = WorkFolder(work, 64)
+        parts.scan()
+        done |= set(parts.entries)
+    return done
+
+
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
     audio = write_clips(tmp_path / "audio", 160, seconds=0.5)
     out = tmp_path / "out.h5"
-    cmd = [sys.executable, "-m", "clotho_retrieve", "features", "--audio-dir", str(audio), "--out", str(out),
+    # the CLI, 5 ms slower per clip (tests/slow_features.py): the run lasts long enough to be killed mid-way
+    cmd = [sys.executable, str(SLOW_CLI), "features", "--audio-dir", str(audio), "--out", str(out),
            "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "CLIP_DELAY": "0.005", "PYTHONPATH": REPO_PATH})
     deadline = time.time() + 60
-    while time.time() < deadline and len(list(tmp_path.glob(".out.h5.*.work/*.npz"))) < 10:
+    while time.time() < deadline and len(clips_done(tmp_path, "out.h5")) < 10:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list(tmp_path.glob(".out.h5.*.work/*.npz")))
+    done = len(clips_done(tmp_path, "out.h5"))
     assert not out.exists() and 10 <= done < 160, done
     (result,) = compute_features(FeaturesConfig(workers=1), audio_dir=audio, out=out)
     assert result["computed"] == 160 - done
@@ -167,8 +182,8 @@ def test_strict_stops_at_the_first_bad_file(tmp_path):
 # Re-running over a changed library: reuse unchanged clips, compute new or changed ones, drop removed ones
 # ----------------------------------------------------------------------------------------------
 def _counting_compute(monkeypatch, crash_at: int = 0) -> list[str]:
-    """Record the names _compute_shard is called for; with crash_at, stop the run at that call."""
-    real, calls = features._compute_shard, []
+    """Record the names _compute_clip is called for; with crash_at, stop the run at that call."""
+    real, calls = features._compute_clip, []
 
     def counting(*args):
         calls.append(args[0])
@@ -176,7 +191,7 @@ def _counting_compute(monkeypatch, crash_at: int = 0) -> list[str]:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(features, "_compute_shard", counting)
+    monkeypatch.setattr(features, "_compute_clip", counting)
     return calls
 
 
@@ -232,8 +247,10 @@ def test_rerun_updates_a_changed_folder_like_a_fresh_run(tmp_path, monkeypatch):
 
 
 def _write_captions(path: Path, rows: list[list[str]]) -> None:
+    """A Clotho captions CSV: file_name, caption_1 .. caption_5 (those past ``rows``' values left empty)."""
+    header = ["file_name"] + [f"caption_{k}" for k in range(1, 6)]
     with open(path, "w", encoding="utf-8", newline="") as fh:
-        csv.writer(fh).writerows([["file_name", "caption_1", "caption_2"]] + rows)
+        csv.writer(fh).writerows([header] + [r + [""] * (len(header) - len(r)) for r in rows])
 
 
 def test_rerun_follows_the_captions_csv(tmp_path, monkeypatch):

@@ -92,3 +92,34 @@ def test_block_decoding_equals_whole_file(tmp_path, preset, sr):
     assert blocks.shape == whole.shape
     assert np.abs(blocks - whole).max() < 1e-3
     assert duration == pytest.approx(len(stereo) / sr)
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"mel_scale": "htk", "mel_norm": None},
+    {"power": 1.0},
+    {"win_length": 800, "window": "hann"},
+    {"n_mels": 128, "f_min": 0.0, "f_max": 22050.0},  # every bin used, narrow low filters
+])
+def test_other_front_ends_match_librosa(changes):
+    """Mel scales and norms, magnitude instead of power, a window shorter than the FFT, wide filter banks:
+    the filter bank equals librosa.filters.mel, and the log-Mel frames librosa's."""
+    import dataclasses
+
+    from clotho_retrieve.frontend import mel_filterbank
+
+    fe = dataclasses.replace(PRESETS["paper"], **changes)
+    htk = fe.mel_scale == "htk"
+    ref_filters = librosa.filters.mel(sr=fe.sample_rate, n_fft=fe.n_fft, n_mels=fe.n_mels, fmin=fe.f_min,
+                                      fmax=fe.f_max, htk=htk, norm=fe.mel_norm, dtype=np.float64).T
+    np.testing.assert_allclose(mel_filterbank(fe), ref_filters, rtol=1e-6, atol=1e-9)
+    y = chirp_noise(fe.sample_rate, 1.0, 3)
+    mel = librosa.feature.melspectrogram(
+        y=y.astype(np.float64), sr=fe.sample_rate, n_fft=fe.n_fft, hop_length=fe.hop_length,
+        win_length=fe.win_length, window=fe.window, center=True, pad_mode="reflect", power=fe.power,
+        n_mels=fe.n_mels, fmin=fe.f_min, fmax=fe.f_max, htk=htk, norm=fe.mel_norm,
+    )
+    ref = (10 * np.log10(np.maximum(mel, fe.amin))).T
+    ours = log_mel(y, fe.sample_rate, fe)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 0.05  # dB

@@ -88,7 +88,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path, six_clip_features
         write_feature_file(other / f"{split}.h5", [str(i) for i in range(6)], mels, [1.0] * 6,
                            FrontEnd(n_fft=2048, win_length=2048), captions)  # fmt: skip
     with pytest.raises(ClothoRetrieveError, match="does not match the run being resumed.*n_fft"):
-        train(model_cfg(tiny_bert), _resume_cfg(other, run, resume=True, epochs=4))
+        train(model_cfg(tiny_bert), _resume_cfg(other, run, resume=True))
 
 
 def test_short_training_overfits_to_perfect_recall(overfit_run):

@@ -58,3 +58,7 @@ def test_atomic_dir_swaps_in_on_success_and_keeps_the_old_folder_on_error(tmp_pa
         (tmp / "g").write_text("second")
     assert sorted(p.name for p in folder.iterdir()) == ["g"]  # replaced as a whole, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's private 0700
+    assert (folder / "g").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -77,18 +77,51 @@ def clip_names(captions_csv: str | os.PathLike) -> list[str]:
     return names
 
 
-def _read_captions(csv_path: Path) -> list[tuple[str, list[str]]]:
-    """(file_name, non-empty captions in column order) per row of a captions CSV."""
+CAPTION_COLUMNS = tuple(f"caption_{k}" for k in range(1, 6))  # Clotho: five captions per clip
+
+
+def _read_captions(csv_path: Path, allow_missing: bool = False) -> list[tuple[str, list[str]]]:
+    """(file_name, non-empty captions in column order) per row of a captions CSV.
+
+    Nothing is dropped silently: a row with more values than the header has columns is refused, and so
+    is a header without some of caption_1 .. caption_5 (with ``allow_missing``: a warning naming them).
+    """
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or "file_name" not in reader.fieldnames:
                 raise ClothoRetrieveError(f"{csv_path}: no 'file_name' column; not a Clotho captions CSV")
             cols = sorted((c for c in reader.fieldnames if c.startswith("caption")), key=_caption_index)
-            return [(row["file_name"], [(row[c] or "").strip() for c in cols if (row[c] or "").strip()])
-                    for row in reader]
-    except (UnicodeDecodeError, OSError) as exc:
+            rows = []
+            for row in reader:
+                if row.get(None):  # values beyond the header's columns (csv.DictReader's restkey)
+                    raise ClothoRetrieveError(
+                        f"{csv_path}: line {reader.line_num} has {len(reader.fieldnames) + len(row[None])} "
+                        f"values but the header names {len(reader.fieldnames)} columns "
+                        f"({', '.join(reader.fieldnames)}); complete the header"
+                    )
+                caps = [(row[c] or "").strip() for c in cols]
+                rows.append((row["file_name"], [c for c in caps if c]))
+            _check_caption_columns(csv_path, reader.fieldnames, allow_missing)
+            return rows
+    except (UnicodeDecodeError, OSError, csv.Error) as exc:
         raise ClothoRetrieveError(f"{csv_path}: unreadable captions CSV ({exc})") from None
+
+
+def _check_caption_columns(csv_path: Path, header: list[str], allow_missing: bool) -> None:
+    """Refuse (or with ``allow_missing`` warn about) a header without some of caption_1 .. caption_5."""
+    from rich.markup import escape
+
+    from clotho_retrieve.utils import err_console
+
+    missing = [c for c in CAPTION_COLUMNS if c not in header]
+    if not missing:
+        return
+    what = f"{csv_path}: no column {', '.join(missing)} (Clotho has file_name, caption_1 .. caption_5)"
+    if not allow_missing:
+        raise ClothoRetrieveError(f"{what}; fix the header, or pass --allow-missing-captions to use the rest")
+    err_console.print(f"[yellow]warning:[/] {escape(what)}; using the captions of the other columns",
+                      highlight=False, soft_wrap=True)
 
 
 def _caption_index(col: str) -> int:
@@ -100,9 +133,15 @@ def _caption_index(col: str) -> int:
 # Feature jobs
 # ----------------------------------------------------------------------------------------------
 def clotho_jobs(
-    root: str | os.PathLike, out_dir: str | os.PathLike, splits: list[str] | None = None
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    splits: list[str] | None = None,
+    allow_missing_captions: bool = False,
 ) -> list[Job]:
-    """One job per split of a Clotho-layout root (split folders + clotho_captions_{split}.csv)."""
+    """One job per split of a Clotho-layout root (split folders + clotho_captions_{split}.csv).
+
+    ``allow_missing_captions``: a captions CSV without some of caption_1 .. caption_5 is used (with a
+    warning naming them) instead of refused."""
     root, out_dir = Path(root), Path(out_dir)
     if not root.is_dir():
         raise ClothoRetrieveError(f"{root}: not a folder; pass the Clotho root (with development/ ...)")
@@ -117,17 +156,18 @@ def clotho_jobs(
             f"{root}: no Clotho split found (expected development/, validation/ or evaluation/ with "
             "clotho_captions_<split>.csv); run `clotho-retrieve download` or `demo-data`"
         )
-    return [_split_job(root, split, features_path(out_dir, split)) for split in splits or found]
+    return [_split_job(root, split, features_path(out_dir, split), allow_missing_captions)
+            for split in splits or found]
 
 
-def _split_job(root: Path, split: str, out: Path) -> Job:
+def _split_job(root: Path, split: str, out: Path, allow_missing_captions: bool = False) -> Job:
     """The clips of one split in CSV order; CSV rows without a file and files without a row are skipped."""
     folder, csv_path = root / split, root / captions_name(split)
     names, paths, captions, skipped = [], [], [], []
     if csv_path.is_file():
         on_disk = {p.name: p for p in (folder.iterdir() if folder.is_dir() else []) if p.is_file()}
         seen = set()
-        for name, caps in _read_captions(csv_path):
+        for name, caps in _read_captions(csv_path, allow_missing_captions):
             if name in seen:
                 skipped.append((name, f"duplicated file name in {csv_path.name}"))
             elif name not in on_disk:

@@ -16,6 +16,10 @@ def audio_dir_job(audio_dir: str | os.PathLike, out: str | os.PathLike) -> Job:
     if not audio_dir.is_dir():
         raise ClothoRetrieveError(f"{audio_dir}: not a folder")
     paths = audio_files(audio_dir)
+    if not paths:
+        raise ClothoRetrieveError(
+            f"{audio_dir}: no audio files in it (WAV, FLAC, OGG, MP3; searched recursively); nothing written"
+        )
     names = [p.relative_to(audio_dir).as_posix() for p in paths]
     attrs = {"split": "", "source": str(audio_dir.resolve())}
     return Job(Path(out), names, paths, [[] for _ in names], [], attrs)

@@ -390,16 +390,18 @@ def build_ann_index(
     """Write (or remove) INDEX/faiss.index for the index's current rows; returns the type chosen.
 
     `exact` removes any FAISS file, so search falls back to the exact ranking. The FAISS file is
-    written under a temporary name and renamed, so a reader sees the old one or the new one. The
-    recall@10, memory and latency measured while building are printed and kept in faiss.json.
+    written under a temporary name and renamed, so a reader sees the old one or the new one. The old
+    FAISS file is never read: a damaged one is replaced like any other. The recall@10, memory and
+    latency measured while building are printed and kept in faiss.json.
     """
     import faiss
 
     from clotho_retrieve.index.store import EmbeddingIndex  # store imports this module
+    from clotho_retrieve.safety import check_space, output_lock, writes
 
     index_dir = Path(index_dir)
     cfg = cfg or AnnConfig()
-    with EmbeddingIndex(index_dir, in_memory_max=0) as idx:
+    with output_lock(index_dir), EmbeddingIndex(index_dir, in_memory_max=0, load_ann=False) as idx:
         chosen = choose_index_type(index_type, idx.count, idx.embed_dim, cfg.memory)
         if chosen == "exact":
             drop_ann_index(index_dir)
@@ -409,8 +411,12 @@ def build_ann_index(
         with err_console.status(f"building a {chosen} index over {idx.count:,} clips"):
             ann, resolved, report = build_and_measure(idx.vectors, replace(cfg, index_type=chosen))
         (index_dir / FAISS_META).unlink(missing_ok=True)  # never a new .json beside an old .index
-        with atomic_path(index_dir / FAISS_FILE) as tmp:
-            faiss.write_index(ann, str(tmp))
+        check_space(index_dir / FAISS_FILE, report.memory_bytes, "the FAISS index")
+        with writes(index_dir / FAISS_FILE, "the FAISS index", report.memory_bytes):
+            with atomic_path(index_dir / FAISS_FILE) as tmp, open(tmp, "wb") as fh:
+                writer = faiss.PyCallbackIOWriter(fh.write)  # streamed (no in-memory copy); OSError as is
+                faiss.write_index(ann, writer)
+                del writer
         meta = {
             "config": asdict(resolved),
             "count": idx.count,

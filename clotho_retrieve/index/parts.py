@@ -145,6 +145,33 @@ def clear_done(part: Path) -> None:
     (part / DONE_FILE).unlink(missing_ok=True)
 
 
+def take_shard(reader, job: ShardJob, chunk_size: int, part: Path) -> tuple[int, int, int, str]:
+    """Restrict an embed.FeatureReader to this job's shard of its clips; returns (start, stop, total,
+    clip-order digest). Clears the part's done mark, and starts the part over if its rows are not a
+    prefix of the shard (reset_if_reordered)."""
+    from clotho_retrieve.utils import err_console
+
+    names = list(reader.where)
+    start, stop = job.shard.clip_range(len(names), chunk_size)
+    reader.keep(names[start:stop])
+    clear_done(part)
+    if reset_if_reordered(part, names[start:stop]):
+        err_console.print(f"[yellow]warning:[/] {part}: its shard changed (clips or chunk size); redone")
+    return start, stop, len(names), clips_digest(names)
+
+
+def finish_shards(job: ShardJob, out: Path) -> dict | None:
+    """After this process's part is done: wait for the other ranks (torchrun), then the merging rank
+    merges (its summary); None for the others and for a `--shard` job (merged by `merge-index`)."""
+    barrier(job)
+    if not job.merges:
+        return None
+    from clotho_retrieve.safety import output_lock
+
+    with output_lock(out):
+        return merge_parts(out, job.shard.of)
+
+
 def barrier(job: ShardJob) -> None:
     """Wait for every rank of a torchrun job (gloo; a day's timeout: shards may take long)."""
     import datetime
@@ -254,6 +281,7 @@ def merge_parts(out: str | os.PathLike, of: int | None = None, chunk_rows: int =
             raise ClothoRetrieveError(f"{out}/{PARTS_DIR}: merged names differ from the parts' clip order")
         parts = [{k: v for k, v in r.items() if k != "dir"} for r in records]
         dst.attrs.update(count=offset, captions_done=captions_done, captions_wanted=captions_wanted)
+        dst.attrs.update(complete=True, target_count=offset)  # the parts were complete (done.json)
         dst.attrs[MERGED_ATTR] = json.dumps(parts)
     return {"index": str(out), "clips": offset, "parts": len(records), "captions_done": captions_done}
 

@@ -57,10 +57,7 @@ class AudioEncoder(nn.Module):
 
 
 class RetrievalModel(nn.Module):
-    """The paper's model. ``parts`` selects the towers to build (("text",) for text-only queries).
-
-    ``text_tower`` replaces the transformers TextEncoder (from_pretrained's fast BERT path).
-    """
+    """The paper's model. ``parts`` selects the towers to build (("text",) for text-only queries)."""
 
     def __init__(
         self,
@@ -69,7 +66,6 @@ class RetrievalModel(nn.Module):
         *,
         parts: tuple[str, ...] = PARTS,
         text_source: str | os.PathLike | None = None,
-        text_tower: nn.Module | None = None,
     ):
         super().__init__()
         bad = set(parts) - set(PARTS)
@@ -78,15 +74,15 @@ class RetrievalModel(nn.Module):
         self.cfg = cfg
         self.parts = tuple(p for p in PARTS if p in parts)
         self.audio = AudioEncoder(cfg) if "audio" in parts else None
-        if text_tower is None and "text" in parts:
-            text_tower = TextEncoder(
+        self.text = None
+        if "text" in parts:
+            self.text = TextEncoder(
                 text_source or cfg.text_model,
                 cfg.embed_dim,
                 cfg.max_text_tokens,
                 cfg.text_trainable_layers,
                 load_weights=load_text_weights,
             )
-        self.text = text_tower
 
     @property
     def device(self) -> torch.device:
@@ -159,14 +155,11 @@ class RetrievalModel(nn.Module):
         parts: tuple[str, ...] = PARTS,
         device: str | torch.device = "cpu",
         which: str = "best",
-        fast_text: bool = False,
     ) -> RetrievalModel:
         """Rebuild a saved model offline: no hub access, the text tower from text/ + our weights.
 
-        ``parts=("text",)`` builds and loads only the text tower (fast text queries). With
-        ``fast_text`` too, a BERT text model is rebuilt by models/bert.py instead of transformers
-        (inference only: same output, seconds less start-up); other text models fall back to
-        transformers.
+        ``parts=("text",)`` builds and loads only the text tower (what the ONNX export of
+        clotho_retrieve/text_onnx.py traces; a text query itself runs that export, without torch).
         """
         from safetensors import SafetensorError, safe_open
 
@@ -188,17 +181,11 @@ class RetrievalModel(nn.Module):
         if "text" in parts and not (text_dir / "config.json").is_file():
             raise ClothoRetrieveError(f"{text_dir}: missing the text model's config.json and tokenizer")
 
-        fast = None
-        if fast_text and tuple(parts) == ("text",):
-            from clotho_retrieve.models.bert import BertTextEncoder
-
-            fast = BertTextEncoder.from_folder(text_dir, cfg.embed_dim, cfg.max_text_tokens)
-        unused = tuple(f"text.{p}" for p in fast.unused_prefixes) if fast is not None else ()
-        model = cls(cfg, load_text_weights=False, parts=tuple(parts), text_source=text_dir, text_tower=fast)
+        model = cls(cfg, load_text_weights=False, parts=tuple(parts), text_source=text_dir)
         expected = model.state_dict()
         try:
             with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-                keys = [k for k in f.keys() if k.split(".", 1)[0] in model.parts and not k.startswith(unused)]
+                keys = [k for k in f.keys() if k.split(".", 1)[0] in model.parts]
                 state = {k: f.get_tensor(k) for k in keys}
         except (SafetensorError, OSError, ValueError) as exc:
             raise ClothoRetrieveError(
@@ -217,6 +204,5 @@ class RetrievalModel(nn.Module):
                 raise ClothoRetrieveError(
                     f"{weights_path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
                 )
-        # the fast tower's weights are uninitialised memory: take the loaded tensors instead of copying
-        model.load_state_dict(state, strict=True, assign=fast is not None)
+        model.load_state_dict(state, strict=True)
         return model.to(device).eval()
