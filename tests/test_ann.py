@@ -77,17 +77,24 @@ def test_auto_index_type(n, d, memory, expected):
     "n, d, memory, factory",
     [
         # m: the first of 256, 128, ... with n (m + 8) <= memory; y = (min(d // m, 6) + 1) m;
-        # k from nb_clusters; _HNSW32 from 1,000 cells
-        (10_000_000, 1024, 8 * GiB, "OPQ256_1280,IVF16384_HNSW32,PQ256x8"),  # 2.64 GB <= 8 GiB
+        # k from nb_clusters; _HNSW32 from 1,000 cells; refine: the finest SQ whose n d bits / 8 bytes fit
+        # beside the PQ index (codes + ids + k y 4 B of centroids + their HNSW links + rotation + codebooks)
+        # 10M: PQ 2.73 GB; + SQ8 10.24 GB or SQ6 7.68 GB > 8.59 GB; + SQ4 5.12 GB = 7.85 GB fits
+        (10_000_000, 1024, 8 * GiB, "OPQ256_1280,IVF16384_HNSW32,PQ256x8,Refine(SQ4)"),
+        (1_000_000, 1024, 8 * GiB, "OPQ256_1280,IVF16384_HNSW32,PQ256x8,Refine(SQ8)"),  # 0.36 + 1.02 GB
         (10_000_000, 1024, 2 * GiB, "OPQ128_896,IVF16384_HNSW32,PQ128x8"),  # 256: 2.64 GB > 2.15 GB
         (100_000_000, 1024, 16 * GiB, "OPQ128_896,IVF65536_HNSW32,PQ128x8"),  # 256: 26.4 GB > 17.2 GB
         (100_000_000, 1024, 4 * GiB, "OPQ32_224,IVF65536_HNSW32,PQ32x8"),  # 48: 5.6 GB > 4.3 GB
         (20_000, 64, 500_000, "OPQ16_80,IVF512,PQ16x8"),  # 24: 640 kB > 500 kB; 16: 480 kB
-        (20_000, 64, 8 * GiB, "OPQ48_96,IVF512,PQ48x8"),  # the first m below d = 64
+        (20_000, 64, 8 * GiB, "OPQ48_96,IVF512,PQ48x8,Refine(SQ8)"),  # the first m below d = 64
     ],
 )
 def test_pq_structure(n, d, memory, factory):
-    assert AnnConfig(index_type="pq", memory=memory).resolved(n, d).factory == factory
+    cfg = AnnConfig(index_type="pq", memory=memory).resolved(n, d)
+    assert cfg.factory == factory
+    assert cfg.estimated_bytes(n, d) <= memory or "Refine" not in factory
+    no_refine = AnnConfig(index_type="pq", memory=memory, refine="none").resolved(n, d)
+    assert no_refine.factory == factory.split(",Refine")[0]
 
 
 def test_pq_needs_memory_for_the_smallest_codes():
@@ -106,7 +113,7 @@ def test_training_set_size():
     assert (cfg.nlist, cfg.train_size, cfg.search_params(64)) == (
         16_384,
         491_520,
-        "nprobe=64,quantizer_efSearch=128",
+        "nprobe=64,quantizer_efSearch=128,k_factor_rf=8",
     )
 
 
@@ -172,18 +179,33 @@ def test_pq_index_of_an_index_folder(tmp_path):
     with writer(tmp_path / "idx", embed_dim=64) as w:
         n = len(vectors)
         w.add_clips(vectors, [f"c{i}" for i in range(n)], ["s"] * n, [1.0] * n, [[]] * n)
-    cfg = AnnConfig(pq_m=8, nlist=32, nprobe=8)
+    cfg = AnnConfig(pq_m=8, nlist=32, nprobe=8, memory=GiB)
     assert build_ann_index(tmp_path / "idx", "pq", cfg) == "pq"
     meta = json.loads((tmp_path / "idx" / "faiss.json").read_text())
     assert meta["config"]["index_type"] == "pq" and meta["count"] == 3000
     assert meta["fingerprint"] == FINGERPRINT.sha256
     report = meta["report"]
-    assert report["factory"] == "OPQ8_56,IVF32,PQ8x8" and report["search"] == "nprobe=8"
+    assert report["factory"] == "OPQ8_56,IVF32,PQ8x8,Refine(SQ8)"
+    assert report["search"] == "nprobe=8,k_factor_rf=8"
     assert report["memory_bytes"] == (tmp_path / "idx" / "faiss.index").stat().st_size
     assert 0.0 <= report["recall_at_10"] <= 1.0
     with EmbeddingIndex(tmp_path / "idx") as idx:
         assert idx.index_type == "pq"
         assert faiss.extract_index_ivf(idx.ann).nprobe == 8  # the stored search breadth is applied
+        assert faiss.downcast_index(idx.ann).k_factor == 8
         ids = idx.search(vectors[:5], 10)[1]
         exact = idx.search(vectors[:5], 10, exact=True)[1]
-        assert np.mean([len(set(a) & set(b)) for a, b in zip(ids, exact, strict=True)]) >= 5
+        assert np.mean([len(set(a) & set(b)) for a, b in zip(ids, exact, strict=True)]) >= 8  # SQ8 re-ranked
+
+
+def test_re_ranking_with_sq8_codes_recovers_the_close_neighbours(pq_index):
+    """The same 16-byte PQ index plus an SQ8 copy (64 B a vector) to re-rank 8 k candidates: 8-bit
+    scalar quantisation of 64-d unit vectors moves a cosine by ~1e-3, below the gaps between neighbours,
+    so re-ranking must recover what the 16-byte codes confused."""
+    vectors, _, _, plain = pq_index
+    cfg = AnnConfig(index_type="pq", pq_m=16, refine="SQ8", latency_ms=50.0)
+    index, cfg, report = build_and_measure(vectors, cfg, n_queries=100)
+    assert cfg.factory == "OPQ16_80,IVF512,PQ16x8,Refine(SQ8)"
+    assert report.memory_bytes == len(faiss.serialize_index(index))
+    assert abs(report.estimated_bytes / report.memory_bytes - 1) < 0.05
+    assert report.recall_at_10 >= max(0.95, plain.recall_at_10 + 0.1), (report, plain)

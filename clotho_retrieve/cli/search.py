@@ -130,6 +130,9 @@ def index_cmd(
         10.0, "--latency-ms", min=0.01, help="One query's budget when nprobe is 0."
     ),
     pq_m: int = typer.Option(0, "--pq-m", min=0, help="pq: bytes per vector (0: the most within --memory)."),
+    refine: str = typer.Option(
+        "auto", "--refine", help="pq: re-rank with SQ8 | SQ6 | SQ4 | none (auto: the finest within --memory)."
+    ),
     hnsw_m: int = typer.Option(32, "--hnsw-m", min=2, help="HNSW neighbours per node."),
     ef_search: int = typer.Option(128, "--ef-search", min=1, help="HNSW search breadth."),
 ) -> None:
@@ -144,6 +147,7 @@ def index_cmd(
         nlist=nlist,
         nprobe=nprobe,
         pq_m=pq_m,
+        refine=refine,
         hnsw_m=hnsw_m,
         ef_search=ef_search,
         memory=parse_memory(memory),

@@ -31,6 +31,8 @@ import numpy as np
 from clotho_retrieve.index.rules import (
     COARSE_HNSW_M,
     COARSE_HNSW_MIN,
+    REFINE_BITS,
+    REFINE_FACTOR,
     choose_index_type,
     default_memory,
     hnsw_flat_bytes,
@@ -39,6 +41,8 @@ from clotho_retrieve.index.rules import (
     opq_dim,
     pq_bytes,
     pq_m_for,
+    refine_bytes,
+    refine_for,
     train_points,
 )
 from clotho_retrieve.index.search import (
@@ -78,6 +82,8 @@ class AnnConfig:
     ef_search: int = 128  # hnsw: search breadth
     memory: int = 0  # bytes the index may take; 0: half this machine's RAM
     latency_ms: float = 10.0  # budget of one query when nprobe is tuned
+    refine: str = "auto"  # pq: re-rank with SQ8 | SQ6 | SQ4 | none; auto: the finest within memory
+    refine_factor: int = REFINE_FACTOR  # candidates re-ranked: refine_factor x k
 
     def resolved(self, n: int, d: int) -> AnnConfig:
         """Every 0 replaced by the rule's value for n vectors of width d."""
@@ -93,10 +99,17 @@ class AnnConfig:
                 raise ClothoRetrieveError(f"--opq-dim {y} is not a multiple of the PQ code size {pq_m}")
             if n < 256:
                 raise ClothoRetrieveError(f"pq needs at least 256 vectors (8-bit codebooks); there are {n}")
+        refine = "none" if self.index_type != "pq" else self.refine
+        if refine == "auto":
+            refine = refine_for(n, d, memory, pq_bytes(n, d, pq_m, y, nlist))
+        if refine not in ("none", *REFINE_BITS):
+            raise ClothoRetrieveError(f"--refine {refine!r}: choose auto, none, {', '.join(REFINE_BITS)}")
         train = min(n, self.train_size or train_points(n, nlist, d + y, memory))
         if train < nlist:
             raise ClothoRetrieveError(f"{train} training vectors for {nlist} IVF cells; lower --nlist")
-        return replace(self, nlist=nlist, train_size=train, pq_m=pq_m, opq_dim=y, memory=memory)
+        return replace(
+            self, nlist=nlist, train_size=train, pq_m=pq_m, opq_dim=y, memory=memory, refine=refine
+        )
 
     @property
     def coarse_hnsw(self) -> bool:
@@ -111,14 +124,21 @@ class AnnConfig:
         if self.index_type == "ivf":
             return f"IVF{self.nlist},Flat"
         coarse = f"IVF{self.nlist}" + (f"_HNSW{COARSE_HNSW_M}" if self.coarse_hnsw else "")
-        return f"OPQ{self.pq_m}_{self.opq_dim},{coarse},PQ{self.pq_m}x8"
+        key = f"OPQ{self.pq_m}_{self.opq_dim},{coarse},PQ{self.pq_m}x8"
+        return key + (f",Refine({self.refine})" if self.refines else "")
+
+    @property
+    def refines(self) -> bool:
+        return self.index_type == "pq" and self.refine in REFINE_BITS
 
     def search_params(self, nprobe: int | None = None) -> str:
         """faiss.ParameterSpace string of the search breadth (nprobe defaults to this config's)."""
         if self.index_type == "hnsw":
             return f"efSearch={self.ef_search}"
         nprobe = min(nprobe or self.nprobe or 16, self.nlist)
-        return f"nprobe={nprobe}" + (f",quantizer_efSearch={max(16, 2 * nprobe)}" if self.coarse_hnsw else "")
+        params = f"nprobe={nprobe}"
+        params += f",quantizer_efSearch={max(16, 2 * nprobe)}" if self.coarse_hnsw else ""
+        return params + (f",k_factor_rf={self.refine_factor}" if self.refines else "")
 
     def estimated_bytes(self, n: int, d: int) -> int:
         """The rule's estimate of the built index's size (rules.py)."""
@@ -126,7 +146,8 @@ class AnnConfig:
             return hnsw_flat_bytes(n, d, self.hnsw_m)
         if self.index_type == "ivf":
             return ivf_flat_bytes(n, d, self.nlist)
-        return pq_bytes(n, d, self.pq_m, self.opq_dim, self.nlist)
+        refine = refine_bytes(n, d, REFINE_BITS[self.refine]) if self.refines else 0
+        return pq_bytes(n, d, self.pq_m, self.opq_dim, self.nlist) + refine
 
 
 @dataclass
@@ -190,7 +211,12 @@ def make_index(d: int, cfg: AnnConfig):
         return index
     if cfg.index_type not in ("ivf", "pq"):
         raise ClothoRetrieveError(f"index type {cfg.index_type!r} has no FAISS index (ivf, hnsw or pq)")
-    return faiss.index_factory(d, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+    if not cfg.refines:
+        return faiss.index_factory(d, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+    base = faiss.index_factory(d, cfg.factory.rsplit(",Refine", 1)[0], faiss.METRIC_INNER_PRODUCT)
+    qtype = getattr(faiss.ScalarQuantizer, f"QT_{REFINE_BITS[cfg.refine]}bit")
+    # the Python wrapper keeps base and refine alive as long as the IndexRefine (faiss's referenced_objects)
+    return faiss.IndexRefine(base, faiss.IndexScalarQuantizer(d, qtype, faiss.METRIC_INNER_PRODUCT))
 
 
 def _two_level_centroids(x: np.ndarray, nlist: int, seed: int) -> np.ndarray:
@@ -212,10 +238,16 @@ def _two_level_centroids(x: np.ndarray, nlist: int, seed: int) -> np.ndarray:
 
 
 def train_index(index, cfg: AnnConfig, x: np.ndarray, seed: int) -> None:
-    """Train the OPQ rotation (if any) on x, then the IVF cells and the PQ codebooks on its image."""
+    """Train the OPQ rotation (if any) on x, then the IVF cells and the PQ codebooks on its image (and
+    the re-ranking quantiser's ranges on x)."""
     import faiss
 
     index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):
+        faiss.downcast_index(index.refine_index).train(x)
+        train_index(index.base_index, cfg, x, seed)
+        index.is_trained = True
+        return
     if isinstance(index, faiss.IndexPreTransform):
         for i in range(index.chain.size()):
             vt = faiss.downcast_VectorTransform(index.chain.at(i))

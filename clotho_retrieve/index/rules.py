@@ -16,6 +16,11 @@ project needs no autofaiss (and its Spark/fsspec dependencies)::
            an HNSW32 graph over the k centroids when k >= 1000 (coarse search in O(log k))
     training  between 30 and 100 vectors per IVF cell: as many as half the memory budget holds
               (train vectors of width D plus their OPQ images of width y), at most N
+    refine    (ours, beyond autofaiss) the memory the PQ codes leave is spent on a scalar-quantised copy
+              of the vectors, the finest of SQ8, SQ6, SQ4 that fits, and the IVF-PQ candidates
+              (REFINE_FACTOR x k of them) are re-ranked with it: autofaiss stops at PQ256, whose
+              ranking of close neighbours is coarse (recall@10 0.84 on 1M clustered 1024-d vectors
+              here), while 10M x 1024 in 8 GiB still has room for 4 bits a dimension
 
 autofaiss first tries an HNSW over the full vectors when it fits in memory; that step is left out:
 HNSW-Flat over 1M x 1024 needs > 4 GB and hours of single-machine build time, and IVF-Flat serves
@@ -35,6 +40,8 @@ AUTO_EXACT_MAX = 50_000  # `auto`: exact search up to this many clips
 IVF_FLAT_MAX = 1_000_000  # `auto`: IVF-Flat (uncompressed) below this many clips when it fits
 PQ_VALUES = (256, 128, 64, 48, 32, 24, 16, 8, 4)  # PQ code sizes tried, largest (most accurate) first
 ID_BYTES = 8  # an inverted list stores an int64 id beside each code
+REFINE_BITS = {"SQ8": 8, "SQ6": 6, "SQ4": 4}  # re-ranking codes, finest first: bits a dimension
+REFINE_FACTOR = 8  # candidates re-ranked: REFINE_FACTOR x k
 COARSE_HNSW_MIN = 1000  # IVF cells from which the coarse quantizer is an HNSW32 graph
 COARSE_HNSW_M = 32
 MIN_POINTS_PER_CELL, MAX_POINTS_PER_CELL = 30, 100
@@ -84,6 +91,19 @@ def pq_m_for(n: int, d: int, memory: int) -> int:
         f"{n:,} vectors do not fit in {memory / 2**30:.2f} GiB even as 4-byte PQ codes "
         f"({n * (4 + ID_BYTES) / 2**30:.2f} GiB); raise --memory"
     )
+
+
+def refine_for(n: int, d: int, memory: int, base_bytes: int) -> str:
+    """The finest scalar quantiser whose codes of n vectors fit in what the base index leaves, or "none"."""
+    for name, bits in REFINE_BITS.items():
+        if base_bytes + refine_bytes(n, d, bits) <= memory:
+            return name
+    return "none"
+
+
+def refine_bytes(n: int, d: int, bits: int) -> int:
+    """An IndexScalarQuantizer of n vectors: d * bits / 8 bytes each, plus its per-dimension range."""
+    return n * (d * bits // 8) + 2 * d * 4
 
 
 def train_points(n: int, nlist: int, width: int, memory: int) -> int:
