@@ -145,11 +145,18 @@ def bench_large(args) -> None:
     from clotho_retrieve.index.ann import set_search_params
 
     memory = parse_memory(args.memory)
-    vectors = SyntheticVectors(args.n, args.dim, rank=args.rank, spread=args.spread, noise=args.noise)
+    vectors = SyntheticVectors(
+        args.n, args.dim, centres=args.centres, rank=args.rank, spread=args.spread, noise=args.noise
+    )
     queries = vectors.queries(args.queries)  # (Q, D), not rows of the collection
     kind = choose_index_type(args.index_type, args.n, args.dim, memory)
     cfg = AnnConfig(
-        index_type=kind, memory=memory, latency_ms=args.latency_ms, nprobe=args.nprobe, refine=args.refine
+        index_type=kind,
+        memory=memory,
+        latency_ms=args.latency_ms,
+        nprobe=args.nprobe,
+        refine=args.refine,
+        pq_m=args.pq_m,
     )
     err_console.log(f"N={args.n:,} D={args.dim}: {kind} within {memory / 2**30:.1f} GiB, streamed")
     truth = TopK(queries, 10)  # exact top 10, kept while the vectors are added (one pass)
@@ -255,6 +262,7 @@ def main() -> None:
     large.add_argument("--index-type", default="auto", help="auto (the rules) | ivf | hnsw | pq")
     large.add_argument("--latency-ms", type=float, default=10.0, help="nprobe: the most within this p50")
     large.add_argument("--refine", default="auto", help="pq re-ranking: auto | none | SQ8 | SQ6 | SQ4")
+    large.add_argument("--pq-m", type=int, default=0, help="pq code bytes (0: the rules)")
     large.add_argument("--sweep", default="8,16,32,64,128,256", help="nprobe values also measured")
     large.add_argument("--rank", type=int, default=32, help="within-cluster subspace (0: isotropic clusters)")
     large.add_argument("--spread", type=float, default=0.6, help="within-cluster spread in that subspace")

@@ -73,14 +73,26 @@ def test_auto_index_type(n, d, memory, expected):
         choose_index_type("lsh", n, d, memory)
 
 
+AUTOFAISS = {  # autofaiss's OPQ{m}_{y},IVF{k}[_HNSW32],PQ{m}x8 for the same n, d, memory
+    (10_000_000, 1024, 8 * GiB): "OPQ256_1280,IVF16384_HNSW32,PQ256x8",  # 2.64 GB <= 8 GiB
+    (1_000_000, 1024, 8 * GiB): "OPQ256_1280,IVF16384_HNSW32,PQ256x8",
+    (10_000_000, 1024, 2 * GiB): "OPQ128_896,IVF16384_HNSW32,PQ128x8",
+    (100_000_000, 1024, 16 * GiB): "OPQ128_896,IVF65536_HNSW32,PQ128x8",
+    (100_000_000, 1024, 4 * GiB): "OPQ32_224,IVF65536_HNSW32,PQ32x8",
+    (20_000, 64, 500_000): "OPQ16_80,IVF512,PQ16x8",
+    (20_000, 64, 8 * GiB): "OPQ48_96,IVF512,PQ48x8",
+}
+
+
 @pytest.mark.parametrize(
     "n, d, memory, factory",
     [
         # m: the first of 256, 128, ... with n (m + 8) <= memory; y = (min(d // m, 6) + 1) m;
         # k from nb_clusters; _HNSW32 from 1,000 cells; refine: the finest SQ whose n d bits / 8 bytes fit
-        # beside the PQ index (codes + ids + k y 4 B of centroids + their HNSW links + rotation + codebooks)
-        # 10M: PQ 2.73 GB; + SQ8 10.24 GB or SQ6 7.68 GB > 8.59 GB; + SQ4 5.12 GB = 7.85 GB fits
-        (10_000_000, 1024, 8 * GiB, "OPQ256_1280,IVF16384_HNSW32,PQ256x8,Refine(SQ4)"),
+        # beside a PQ index of m >= 32 (codes + ids + k y 4 B of centroids + their HNSW links + rotation +
+        # codebooks), the largest such m. 10M: SQ8 10.24 GB > 8.59 GB; SQ6 7.68 GB + PQ128 1.43 GB >
+        # 8.59 GB; SQ6 + PQ64 (0.72 GB codes + 29 MB centroids + ...) = 8.44 GB fits
+        (10_000_000, 1024, 8 * GiB, "OPQ64_448,IVF16384_HNSW32,PQ64x8,Refine(SQ6)"),
         (1_000_000, 1024, 8 * GiB, "OPQ256_1280,IVF16384_HNSW32,PQ256x8,Refine(SQ8)"),  # 0.36 + 1.02 GB
         (10_000_000, 1024, 2 * GiB, "OPQ128_896,IVF16384_HNSW32,PQ128x8"),  # 256: 2.64 GB > 2.15 GB
         (100_000_000, 1024, 16 * GiB, "OPQ128_896,IVF65536_HNSW32,PQ128x8"),  # 256: 26.4 GB > 17.2 GB
@@ -94,7 +106,7 @@ def test_pq_structure(n, d, memory, factory):
     assert cfg.factory == factory
     assert cfg.estimated_bytes(n, d) <= memory or "Refine" not in factory
     no_refine = AnnConfig(index_type="pq", memory=memory, refine="none").resolved(n, d)
-    assert no_refine.factory == factory.split(",Refine")[0]
+    assert no_refine.factory == AUTOFAISS[(n, d, memory)]  # PQ alone: autofaiss's structure
 
 
 def test_pq_needs_memory_for_the_smallest_codes():
@@ -109,11 +121,11 @@ def test_training_set_size():
     # small collections: 100 a cell, at most n
     assert train_points(100_000, 1024, 1024, 8 * GiB) == 100_000
     assert train_points(1_000_000, 4096, 1024, 8 * GiB) == 100 * 4096
-    cfg = AnnConfig(index_type="pq", memory=8 * GiB).resolved(10_000_000, 1024)
+    cfg = AnnConfig(index_type="pq", memory=8 * GiB, refine="none").resolved(10_000_000, 1024)
     assert (cfg.nlist, cfg.train_size, cfg.search_params(64)) == (
         16_384,
         491_520,
-        "nprobe=64,quantizer_efSearch=128,k_factor_rf=8",
+        "nprobe=64,quantizer_efSearch=128",
     )
 
 

@@ -39,10 +39,9 @@ from clotho_retrieve.index.rules import (
     ivf_flat_bytes,
     nb_clusters,
     opq_dim,
+    pq_and_refine,
     pq_bytes,
-    pq_m_for,
     refine_bytes,
-    refine_for,
     train_points,
 )
 from clotho_retrieve.index.search import (
@@ -91,17 +90,14 @@ class AnnConfig:
         if self.index_type == "hnsw":
             return replace(self, memory=memory)
         nlist = max(1, min(self.nlist or nb_clusters(n), n))
-        pq_m, y = 0, 0
+        pq_m, y, refine = 0, 0, "none"
         if self.index_type == "pq":
-            pq_m = self.pq_m or pq_m_for(n, d, memory)
+            pq_m, refine = pq_and_refine(n, d, memory, nlist, self.pq_m, self.refine)
             y = self.opq_dim or opq_dim(d, pq_m)
             if y % pq_m:
                 raise ClothoRetrieveError(f"--opq-dim {y} is not a multiple of the PQ code size {pq_m}")
             if n < 256:
                 raise ClothoRetrieveError(f"pq needs at least 256 vectors (8-bit codebooks); there are {n}")
-        refine = "none" if self.index_type != "pq" else self.refine
-        if refine == "auto":
-            refine = refine_for(n, d, memory, pq_bytes(n, d, pq_m, y, nlist))
         if refine not in ("none", *REFINE_BITS):
             raise ClothoRetrieveError(f"--refine {refine!r}: choose auto, none, {', '.join(REFINE_BITS)}")
         train = min(n, self.train_size or train_points(n, nlist, d + y, memory))
