@@ -9,6 +9,13 @@ import typer
 from clotho_retrieve.cli import _ws, command
 from clotho_retrieve.utils import ClothoRetrieveError, err_console
 
+MEMORY_HELP = "Memory the FAISS index may take, e.g. 8G (0: half this machine's RAM)."
+INDEX_TYPES_HELP = "exact | ivf | hnsw | pq (OPQ+IVF+PQ) | auto (exact up to 50,000 clips, then by --memory)"
+
+
+def _index_type_option(what: str = ""):
+    return typer.Option("auto", "--index-type", help=f"{what}{INDEX_TYPES_HELP}.")
+
 
 # ----------------------------------------------------------------------------------------------
 @command("embed")
@@ -47,14 +54,8 @@ def embed_cmd(
         "--prune",
         help="Drop index rows whose clips are not in --features (off: an index may gather several files).",
     ),
-    index_type: str = typer.Option(
-        "auto",
-        "--index-type",
-        help="exact | ivf | hnsw | pq | auto (exact up to 50,000 clips, then ivf or pq by --memory).",
-    ),
-    memory: str = typer.Option(
-        "0", "--memory", help="Memory the FAISS index may take, e.g. 8G (0: half this machine's RAM)."
-    ),
+    index_type: str = _index_type_option(),
+    memory: str = typer.Option("0", "--memory", help=MEMORY_HELP),
     shard: str | None = typer.Option(
         None,
         "--shard",
@@ -112,14 +113,8 @@ def embed_cmd(
 @command("index")
 def index_cmd(
     index: Path = typer.Argument(..., help="Index folder written by `embed`."),
-    index_type: str = typer.Option(
-        "auto",
-        "--index-type",
-        help="exact (removes the FAISS file) | ivf | hnsw | pq (OPQ+IVF+PQ) | auto (by size and --memory).",
-    ),
-    memory: str = typer.Option(
-        "0", "--memory", help="Memory the index may take, e.g. 8G (0: half this machine's RAM)."
-    ),
+    index_type: str = _index_type_option("(exact removes the FAISS file) "),
+    memory: str = typer.Option("0", "--memory", help=MEMORY_HELP),
     nlist: int = typer.Option(
         0, "--nlist", min=0, help="IVF cells (0: 4 sqrt(N) as a power of 2; 16,384 at 1-10M)."
     ),
@@ -161,10 +156,8 @@ def index_cmd(
 def merge_index_cmd(
     index: Path = typer.Argument(..., help="Index folder whose parts/ `embed --shard i/N` wrote."),
     shards: int | None = typer.Option(None, "--shards", min=1, help="N, when parts of several N are there."),
-    index_type: str = typer.Option(
-        "auto", "--index-type", help="Search to build after merging: exact | ivf | hnsw | pq | auto."
-    ),
-    memory: str = typer.Option("0", "--memory", help="Memory the FAISS index may take (0: half the RAM)."),
+    index_type: str = _index_type_option("The search to build after merging: "),
+    memory: str = typer.Option("0", "--memory", help=MEMORY_HELP),
 ) -> None:
     """Merge the parts of a sharded `embed` (INDEX/parts/shard-*-of-N) into INDEX/index.h5.
 
