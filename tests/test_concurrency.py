@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from audio_signals import write_clips
@@ -20,6 +21,8 @@ from typer.testing import CliRunner
 from clotho_retrieve.cli import app
 from clotho_retrieve.feature_file import FeatureFile
 from clotho_retrieve.safety import lock_holder
+
+SLOWED = Path(__file__).with_name("slowed")
 
 
 def start_cli(*args) -> subprocess.Popen:
@@ -122,7 +125,10 @@ def test_kill_9_of_features_leaves_no_process_behind(tmp_path):
     psutil = pytest.importorskip("psutil")
     audio = write_clips(tmp_path / "audio", 300)
     out = tmp_path / "sounds.h5"
-    proc = start_cli("features", "--audio-dir", audio, "--out", out, "--workers", 2)
+    # 20 ms per clip in the workers too (tests/slowed): about 3 s of work, so the kill lands mid-run
+    slowed = {**ENV, "CLIP_DELAY": "0.02", "PYTHONPATH": os.pathsep.join([str(SLOWED), ENV["PYTHONPATH"]])}
+    cmd = [sys.executable, "-m", "clotho_retrieve", "features", "--audio-dir", audio, "--out", out, "--workers", 2]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=slowed)
     deadline = time.time() + 120
     family = []
     while len(family) < 3:  # the workers are up: the forkserver, its workers, the resource tracker
