@@ -26,6 +26,7 @@ import gc
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -174,15 +175,17 @@ def bench_large(args) -> None:
     for col in ("search", "p50 ms", "p95 ms", "recall@10"):
         table.add_column(col, justify="right")
     sweep = sorted({cfg.nprobe, *args.sweep}) if cfg.index_type != "hnsw" else [0]
-    for nprobe in sweep:
+    factors = sorted({cfg.refine_factor, *args.sweep_rf}) if cfg.refines else [cfg.refine_factor]
+    for nprobe, factor in ((p, f) for f in factors for p in sweep):
         if cfg.index_type != "hnsw" and nprobe > cfg.nlist:
             continue
-        set_search_params(index, cfg, nprobe or None)
+        swept = replace(cfg, refine_factor=factor)
+        set_search_params(index, swept, nprobe or None)
         ids = faiss_search(index, queries, 10)[1]
         p50, p95 = latencies(lambda q: faiss_search(index, q, 10), queries)
-        mark = " (tuned)" if nprobe == cfg.nprobe else ""
+        mark = " (tuned)" if (nprobe, factor) == (cfg.nprobe, cfg.refine_factor) else ""
         table.add_row(
-            cfg.search_params(nprobe or None) + mark,
+            swept.search_params(nprobe or None) + mark,
             f"{p50:.2f}",
             f"{p95:.2f}",
             f"{recall_at_10(ids, truth.ids):.3f}",
@@ -263,6 +266,7 @@ def main() -> None:
     large.add_argument("--latency-ms", type=float, default=10.0, help="nprobe: the most within this p50")
     large.add_argument("--refine", default="auto", help="pq re-ranking: auto | none | SQ8 | SQ6 | SQ4")
     large.add_argument("--pq-m", type=int, default=0, help="pq code bytes (0: the rules)")
+    large.add_argument("--sweep-rf", default="", help="re-ranking factors also measured, e.g. 8,32,64")
     large.add_argument("--sweep", default="8,16,32,64,128,256", help="nprobe values also measured")
     large.add_argument("--rank", type=int, default=32, help="within-cluster subspace (0: isotropic clusters)")
     large.add_argument("--spread", type=float, default=0.6, help="within-cluster spread in that subspace")
@@ -272,6 +276,7 @@ def main() -> None:
     args.types = [t for t in args.types.split(",") if t]
     args.embed_clips = {k: int(v) for k, v in (kv.split("=") for kv in args.embed_clips.split(",") if kv)}
     args.sweep = [int(v) for v in args.sweep.split(",") if v]
+    args.sweep_rf = [int(v) for v in args.sweep_rf.split(",") if v]
     if args.n:
         console.width = max(console.width, 120)
         bench_large(args)
