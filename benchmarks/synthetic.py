@@ -49,7 +49,7 @@ class SyntheticVectors:
                     (np.linalg.qr(rng.standard_normal((d, max(rank, 1))))[0][:, :rank] * np.sqrt(scale)).T
                     for _ in range(bases if rank else 0)
                 ]
-            ).astype(np.float32)
+            ).astype(np.float32, order="C")  # C order: each (r, D) basis a plain matmul operand
             if rank
             else None
         )
@@ -61,8 +61,11 @@ class SyntheticVectors:
         if self.rank:
             z = rng.standard_normal((m, self.rank), dtype=np.float32)  # (m, r)
             p = j % len(self.bases)  # each cluster's subspace
-            for b in np.unique(p):
-                x[p == b] += z[p == b] @ self.bases[b]
+            order = np.argsort(p, kind="stable")  # rows grouped by subspace: one matmul per group
+            starts = np.searchsorted(p[order], np.arange(len(self.bases) + 1))
+            for b in np.flatnonzero(np.diff(starts)):
+                rows = order[starts[b] : starts[b + 1]]
+                x[rows] += z[rows] @ self.bases[b]
         x = x + rng.standard_normal((m, d), dtype=np.float32) * np.float32(self.noise / np.sqrt(d))
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 

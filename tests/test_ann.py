@@ -20,7 +20,7 @@ from clotho_retrieve.index import (
     parse_memory,
 )
 from clotho_retrieve.index.ann import recall_excluding_self
-from clotho_retrieve.index.rules import nb_clusters, train_points
+from clotho_retrieve.index.rules import REFINE_FACTOR, nb_clusters, train_points
 from clotho_retrieve.utils import ClothoRetrieveError
 
 GiB = 1 << 30
@@ -198,20 +198,20 @@ def test_pq_index_of_an_index_folder(tmp_path):
     assert meta["fingerprint"] == FINGERPRINT.sha256
     report = meta["report"]
     assert report["factory"] == "OPQ8_56,IVF32,PQ8x8,Refine(SQ8)"
-    assert report["search"] == "nprobe=8,k_factor_rf=8"
+    assert report["search"] == f"nprobe=8,k_factor_rf={REFINE_FACTOR}"
     assert report["memory_bytes"] == (tmp_path / "idx" / "faiss.index").stat().st_size
     assert 0.0 <= report["recall_at_10"] <= 1.0
     with EmbeddingIndex(tmp_path / "idx") as idx:
         assert idx.index_type == "pq"
         assert faiss.extract_index_ivf(idx.ann).nprobe == 8  # the stored search breadth is applied
-        assert faiss.downcast_index(idx.ann).k_factor == 8
+        assert faiss.downcast_index(idx.ann).k_factor == REFINE_FACTOR
         ids = idx.search(vectors[:5], 10)[1]
         exact = idx.search(vectors[:5], 10, exact=True)[1]
         assert np.mean([len(set(a) & set(b)) for a, b in zip(ids, exact, strict=True)]) >= 8  # SQ8 re-ranked
 
 
 def test_re_ranking_with_sq8_codes_recovers_the_close_neighbours(pq_index):
-    """The same 16-byte PQ index plus an SQ8 copy (64 B a vector) to re-rank 8 k candidates: 8-bit
+    """The same 16-byte PQ index plus an SQ8 copy (64 B a vector) to re-rank REFINE_FACTOR k candidates: 8-bit
     scalar quantisation of 64-d unit vectors moves a cosine by ~1e-3, below the gaps between neighbours,
     so re-ranking must recover what the 16-byte codes confused."""
     vectors, _, _, plain = pq_index
