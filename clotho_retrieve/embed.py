@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from clotho_retrieve.index import (
     FAISS_FILE,
     FAISS_META,
     INDEX_FILE,
+    AnnConfig,
     EmbeddingIndex,
     IndexWriter,
     build_ann_index,
@@ -45,6 +46,7 @@ from clotho_retrieve.index import (
     drop_ann_index,
     integrity,
 )
+from clotho_retrieve.index import parts as shards
 from clotho_retrieve.index.store import FINISH
 from clotho_retrieve.safety import check_space, output_lock
 from clotho_retrieve.text_onnx import ensure_text_tower
@@ -61,9 +63,10 @@ class EmbedConfig:
     batch_size: int = 16  # clips per forward pass
     chunk_size: int = 256  # clips per HDF5 write (the resume granularity)
     captions: bool = False  # also embed every caption (for audio-to-text queries)
-    index_type: str = "auto"  # exact | ivf | hnsw | auto (exact up to AUTO_EXACT_MAX clips)
+    index_type: str = "auto"  # exact | ivf | hnsw | pq | auto (index/rules.py: exact up to 50,000 clips)
     which: str = "best"  # best | last, when the model is a run folder
     device: str = "cpu"
+    memory: int = 0  # bytes the FAISS index may take (`auto` and pq choose by it); 0: half the RAM
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +141,9 @@ class FeatureReader:
             for i, name in enumerate(ff.names):
                 self.where.setdefault(name, (s, i))
         self.fingerprints: dict[ClipRef, bytes] = {}
+
+    def keep(self, names: Sequence[str]) -> None:  # read only these clips (a shard), in this order
+        self.where = {name: self.where[name] for name in names}
 
     def check_front_end(self, trained_on: dict | None, model: str) -> None:
         """Refuse features computed otherwise than the model's input (when it says: the front end a run was
@@ -309,9 +315,9 @@ def _embed_into(
     }
 
 
-def _refresh_ann(out: Path, index_type: str, count: int) -> str:
+def _refresh_ann(out: Path, cfg: EmbedConfig, count: int, dim: int) -> str:
     """The search type for ``count`` clips; (re)builds faiss.index unless it is up to date."""
-    chosen = choose_index_type(index_type, count)
+    chosen = choose_index_type(cfg.index_type, count, dim, cfg.memory)
     if chosen == "exact":
         build_ann_index(out, "exact")
         return chosen
@@ -322,7 +328,7 @@ def _refresh_ann(out: Path, index_type: str, count: int) -> str:
         meta = {}
     stale = meta.get("count") != count or meta.get("config", {}).get("index_type") != chosen
     if stale or not _faiss_readable(out / FAISS_FILE):
-        build_ann_index(out, chosen)  # rows changed (drop_ann_index removed the old one), or it is damaged
+        build_ann_index(out, chosen, AnnConfig(memory=cfg.memory))  # rows changed, or it is damaged
     return chosen
 
 
@@ -369,22 +375,30 @@ def embed(
     out: str | os.PathLike,
     cfg: EmbedConfig | None = None,
     prune: bool = False,
+    shard: str | shards.Shard | None = None,
 ) -> dict:
     """Embed every clip of ``features`` (file or folder) with the model's audio tower into the INDEX ``out``.
 
     ``checkpoint`` is a run folder, a model folder or a CLAP model (hub id or folder). New names are
     appended, changed clips re-embedded in place, and with ``prune`` rows not in the features removed
     (see the module docstring). A name in several feature files is taken from the first. A run's text
-    tower is exported to ONNX beside the index unless a current one is there. Returns a summary dict
-    (clips, added, updated, removed, unchanged, ..., text_tower: its folder, or None for a CLAP model or
-    a text model that could not be exported).
+    tower is exported to ONNX beside the index unless a current one is there. Under torchrun, or with
+    ``shard`` ("i/N"), this process writes one part of the index (index/parts.py: a part holds exactly
+    its shard's clips; rank 0 of torchrun merges them). Returns a summary dict (clips, added, updated,
+    removed, unchanged, ..., text_tower: its folder, or None for a CLAP model or a text model that could
+    not be exported).
     """
     cfg = cfg or EmbedConfig()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ClothoRetrieveError(f"{out}: exists and is not a folder; --out names an index folder")
-    with output_lock(out):  # one writer per index: a second `embed` (or `index`) stops here
-        return _embed(checkpoint, features, out, cfg, prune)
+    job = shards.shard_job(shard)
+    if job is not None:
+        shards.check_fresh_target(out)
+        if job.world_size > 1 and cfg.device == "cuda":
+            cfg = replace(cfg, device=f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    with output_lock(out if job is None else shards.part_dir(out, job.shard)):  # one writer a folder
+        return _embed(checkpoint, features, out, cfg, prune, job)
 
 
 def _finish_command(checkpoint, features, out: Path, cfg: EmbedConfig, captions: bool) -> str:
@@ -398,21 +412,32 @@ def _finish_command(checkpoint, features, out: Path, cfg: EmbedConfig, captions:
     return shlex.join(words)
 
 
-def _embed(checkpoint, features, out: Path, cfg: EmbedConfig, prune: bool) -> dict:
+def _embed(checkpoint, features, out: Path, cfg: EmbedConfig, prune: bool, job: shards.ShardJob | None):
+    target = out if job is None else shards.part_dir(out, job.shard)  # the folder this process writes
     files = feature_files(features)
-    previous, had_captions = _recorded_run(out)
+    previous, had_captions = _recorded_run(target)
     with_captions = cfg.captions or had_captions  # an index with caption embeddings keeps them complete
     parts = ("audio", "text") if with_captions else ("audio",)
     encoder, fingerprint, run, which, model_cfg = _load_for_embedding(checkpoint, cfg, parts, previous)
     with FeatureReader(files) as reader:
         reader.check_front_end(encoder.front_end, str(checkpoint))
         front_end = reader.front_end.to_dict()
-        with IndexWriter(out, fingerprint, run, which, encoder.embed_dim, front_end, model_cfg) as writer:
+        shard_of = None if job is None else shards.take_shard(reader, job, cfg.chunk_size, target)
+        with IndexWriter(target, fingerprint, run, which, encoder.embed_dim, front_end, model_cfg) as writer:
             writer.captions_wanted = with_captions
-            atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
+            atomic_write_text(target / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
             command = _finish_command(checkpoint, features, out, cfg, with_captions)
-            counts = _embed_into(reader, encoder, writer, cfg, prune, command)
-    index_type = _refresh_ann(out, cfg.index_type, counts["clips"])
+            command += "" if job is None else f" --shard {job.shard.index}/{job.shard.of}"
+            counts = _embed_into(reader, encoder, writer, cfg, prune or job is not None, command)
+            if job is not None:
+                shards.mark_done(target, shards.done_record(job.shard, *shard_of, writer))
+    if job is not None:
+        merged = shards.finish_shards(job, out)  # torchrun: every rank's part is done; rank 0 merges
+        if merged is None:
+            return {"index": str(out), **counts, "part": str(target), "index_type": "-", "text_tower": None}
+        counts = {**counts, **merged}
+        atomic_write_text(out / "embed.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    index_type = _refresh_ann(out, cfg, counts["clips"], encoder.embed_dim)
     tower = None
     if isinstance(encoder, RunEncoder):  # our runs (an encoder of another kind has no tower to export)
         loaded = encoder.model if encoder.model.text is not None else None  # spares loading it again

@@ -1,4 +1,4 @@
-"""Commands that search: embed, index, export, query, status, serve."""
+"""Commands that search: embed, index, merge-index, export, query, status, serve."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import typer
 
 from clotho_retrieve.cli import _ws, command
 from clotho_retrieve.utils import ClothoRetrieveError, err_console
+
+MEMORY_HELP = "Memory the FAISS index may take, e.g. 8G (0: half this machine's RAM)."
+INDEX_TYPES_HELP = "exact | ivf | hnsw | pq (OPQ+IVF+PQ) | auto (exact up to 50,000 clips, then by --memory)"
+
+
+def _index_type_option(what: str = ""):
+    return typer.Option("auto", "--index-type", help=f"{what}{INDEX_TYPES_HELP}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,8 +54,13 @@ def embed_cmd(
         "--prune",
         help="Drop index rows whose clips are not in --features (off: an index may gather several files).",
     ),
-    index_type: str = typer.Option(
-        "auto", "--index-type", help="exact | ivf | hnsw | auto (exact up to 50,000 clips, else ivf)."
+    index_type: str = _index_type_option(),
+    memory: str = typer.Option("0", "--memory", help=MEMORY_HELP),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="i/N: embed only shard i of N into OUT/parts/ (e.g. a SLURM array task), then `merge-index`. "
+        "Under torchrun every rank takes its own shard and rank 0 merges.",
     ),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Clips per forward pass."),
     chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="Clips per write (resume granularity)."),
@@ -63,9 +75,11 @@ def embed_cmd(
     New clips are appended, clips whose features changed are re-embedded, unchanged ones kept.
 
     Examples: clotho-retrieve embed   (the latest finished run, the evaluation split, into indexes/RUN) ;
-    clotho-retrieve embed --model laion/clap-htsat-unfused --audio-dir ~/sounds --out sounds-index
+    clotho-retrieve embed --model laion/clap-htsat-unfused --audio-dir ~/sounds --out sounds-index ;
+    torchrun --nnodes N --nproc_per_node P -m clotho_retrieve embed ...   (OUT on a shared disk)
     """
     from clotho_retrieve.embed import EmbedConfig, audio_dir_features, embed
+    from clotho_retrieve.index import parse_memory
     from clotho_retrieve.utils import console, resolve_device
 
     if features is not None and audio_dir is not None:
@@ -75,13 +89,17 @@ def embed_cmd(
     features = features or (None if audio_dir is not None else ws.embed_features())
     out = out or ws.index_dir_for(checkpoint)
     cfg = EmbedConfig(batch_size, chunk_size, captions, index_type, which, resolve_device(device))
+    cfg.memory = parse_memory(memory)
     if audio_dir is not None:
         from clotho_retrieve.features import print_report
 
         result = audio_dir_features(checkpoint, audio_dir, out, which, workers)
         print_report([result])
         features, prune = result["out"], True  # the index mirrors the folder
-    summary = embed(checkpoint, features, out, cfg, prune=prune)
+    summary = embed(checkpoint, features, out, cfg, prune=prune, shard=shard)
+    if "part" in summary:  # one shard: the index is assembled later
+        console.print(f"{summary['part']}: {summary['clips']:,} clips ({summary['added']:,} added)")
+        return
     ws.record_latest("index", out)
     tower = summary["text_tower"] or "none (text queries use torch)"
     console.print(
@@ -95,24 +113,67 @@ def embed_cmd(
 @command("index")
 def index_cmd(
     index: Path = typer.Argument(..., help="Index folder written by `embed`."),
-    index_type: str = typer.Option(
-        "auto", "--index-type", help="exact (removes the FAISS file) | ivf | hnsw | auto (by size)."
+    index_type: str = _index_type_option("(exact removes the FAISS file) "),
+    memory: str = typer.Option("0", "--memory", help=MEMORY_HELP),
+    nlist: int = typer.Option(
+        0, "--nlist", min=0, help="IVF cells (0: 4 sqrt(N) as a power of 2; 16,384 at 1-10M)."
     ),
-    nlist: int = typer.Option(0, "--nlist", min=0, help="IVF cells (0: about 2 sqrt(N))."),
-    nprobe: int = typer.Option(0, "--nprobe", min=0, help="IVF cells searched per query (0: 16)."),
+    nprobe: int = typer.Option(
+        0, "--nprobe", min=0, help="IVF cells per query (0: the most within --latency-ms)."
+    ),
+    latency_ms: float = typer.Option(
+        10.0, "--latency-ms", min=0.01, help="One query's budget when nprobe is 0."
+    ),
+    pq_m: int = typer.Option(0, "--pq-m", min=0, help="pq: bytes per vector (0: the most within --memory)."),
+    refine: str = typer.Option(
+        "auto", "--refine", help="pq: re-rank with SQ8 | SQ6 | SQ4 | none (auto: the finest within --memory)."
+    ),
     hnsw_m: int = typer.Option(32, "--hnsw-m", min=2, help="HNSW neighbours per node."),
     ef_search: int = typer.Option(128, "--ef-search", min=1, help="HNSW search breadth."),
 ) -> None:
-    """Build or rebuild the approximate (FAISS) index of an embedding index.
+    """Build or rebuild the approximate (FAISS) index of an embedding index; prints its recall@10 and memory.
 
-    Example: clotho-retrieve index demo/index --index-type hnsw
+    Example: clotho-retrieve index demo/index --index-type pq --memory 8G
     """
-    from clotho_retrieve.index import AnnConfig, build_ann_index
+    from clotho_retrieve.index import AnnConfig, build_ann_index, parse_memory
     from clotho_retrieve.utils import console
 
-    cfg = AnnConfig(nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+    cfg = AnnConfig(
+        nlist=nlist,
+        nprobe=nprobe,
+        pq_m=pq_m,
+        refine=refine,
+        hnsw_m=hnsw_m,
+        ef_search=ef_search,
+        memory=parse_memory(memory),
+        latency_ms=latency_ms,
+    )
     chosen = build_ann_index(index, index_type, cfg)
     console.print(f"{index}: search is now {chosen}", highlight=False)
+
+
+@command("merge-index")
+def merge_index_cmd(
+    index: Path = typer.Argument(..., help="Index folder whose parts/ `embed --shard i/N` wrote."),
+    shards: int | None = typer.Option(None, "--shards", min=1, help="N, when parts of several N are there."),
+    index_type: str = _index_type_option("The search to build after merging: "),
+    memory: str = typer.Option("0", "--memory", help=MEMORY_HELP),
+) -> None:
+    """Merge the parts of a sharded `embed` (INDEX/parts/shard-*-of-N) into INDEX/index.h5.
+
+    Example (a SLURM array of 8): clotho-retrieve embed ... --out big --shard $SLURM_ARRAY_TASK_ID/8 ;
+    then clotho-retrieve merge-index big --memory 8G
+    """
+    from clotho_retrieve.index import AnnConfig, build_ann_index, parse_memory
+    from clotho_retrieve.index.parts import merge_parts
+    from clotho_retrieve.safety import output_lock
+    from clotho_retrieve.utils import console
+
+    with output_lock(index):
+        summary = merge_parts(index, shards)
+        chosen = build_ann_index(index, index_type, AnnConfig(memory=parse_memory(memory)))
+    parts = f"{summary['clips']:,} clips from {summary['parts']} parts"
+    console.print(f"{index}: {parts}, search: {chosen}", highlight=False)
 
 
 @command("export")

@@ -21,8 +21,10 @@ On-disk layout of an INDEX folder::
                complete (false while an `embed` is unfinished), target_count (the clips it will hold),
                resume_command (the `embed` that finishes it)
     INDEX/embed.json    the EmbedConfig of the last `embed`
-    INDEX/faiss.index   optional approximate index over `audio` (FAISS, inner product; index/search.py)
-    INDEX/faiss.json    its AnnConfig plus the row count and fingerprint it was built from
+    INDEX/faiss.index   optional approximate index over `audio` (FAISS, inner product; index/ann.py)
+    INDEX/faiss.json    its AnnConfig, the row count and fingerprint it was built from, and "report":
+                        the recall@10, memory and latency measured when it was built (ann.BuildReport)
+    INDEX/parts/        the parts of a sharded `embed` (index/parts.py)
 
 Rows are appended a chunk at a time and ``count`` is raised only after a chunk is flushed, so an
 interrupted `embed` resumes where it stopped (rows past ``count`` are discarded on reopen). The space a
@@ -45,11 +47,11 @@ import numpy as np
 
 from clotho_retrieve.encoder import RunFingerprint
 from clotho_retrieve.index import integrity
+from clotho_retrieve.index.ann import AnnConfig, set_search_params
 from clotho_retrieve.index.integrity import CAPTION_COLUMNS, CLIP_COLUMNS
 from clotho_retrieve.index.search import (
     FAISS_FILE,
     FAISS_META,
-    AnnConfig,
     VectorPrefix,
     chunk_ranges,
     exact_search,
@@ -167,10 +169,7 @@ class EmbeddingIndex:
                 f"`clotho-retrieve index {self.path}`, or search without it: query --exact"
             ) from None
         cfg = AnnConfig(**meta["config"])
-        if cfg.index_type == "ivf":
-            index.nprobe = cfg.nprobe
-        else:
-            index.hnsw.efSearch = cfg.ef_search
+        set_search_params(index, cfg)
         return index, cfg
 
     @property
@@ -281,6 +280,8 @@ class IndexWriter:
         if self.h5 is not None:
             with self._writing("the index settings", 0):
                 self.h5.attrs.update(where)
+                if "merged_from" in self.h5.attrs:  # no longer just the merge of INDEX/parts (parts.py)
+                    del self.h5.attrs["merged_from"]
             return
         check_space(self.path, 64 << 10, "a new index", FINISH)
         with atomic_path(self.path) as tmp:  # the empty skeleton appears whole or not at all
