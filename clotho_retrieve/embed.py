@@ -3,7 +3,7 @@
 The model is a run of ours or a pretrained CLAP model (clap.py), both behind the one Encoder interface.
 Three parts, as clip-retrieval splits its inference::
 
-    FeatureReader (feature files)  ->  Encoder (clotho_retrieve.encoder)  ->  IndexWriter (index/store.py)
+    FeatureReader (feature files)  ->  Encoder (clotho_retrieve.encoder)  ->  IndexWriter (index/writer.py)
     chunks of names, log-Mels (or      each clip's input -> (n, D)            appends new rows, overwrites
     CLAP inputs), sources, durations,  unit-norm rows, batched                changed ones, commits a
     captions, clip fingerprints                                               chunk at a time
@@ -47,7 +47,7 @@ from clotho_retrieve.index import (
     integrity,
 )
 from clotho_retrieve.index import parts as shards
-from clotho_retrieve.index.store import FINISH
+from clotho_retrieve.index.writer import FINISH
 from clotho_retrieve.safety import check_space, output_lock
 from clotho_retrieve.text_onnx import ensure_text_tower
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_write_text, err_console

@@ -1,11 +1,11 @@
 """The embedding index: audio (and caption) embeddings of a trained run, searchable by cosine similarity.
 
-``store.py`` is the INDEX folder (its layout is documented there): :class:`EmbeddingIndex` reads it,
-:class:`IndexWriter` appends and updates rows. ``search.py`` ranks exactly (equal to a brute-force
-NumPy ranking); ``ann.py`` builds, tunes and measures FAISS indexes (IVF-Flat, HNSW-Flat, OPQ+IVF+PQ)
-whose structure ``rules.py`` chooses from N, D and a memory budget (autofaiss's rules). ``parts.py``
-assembles one index from the parts a sharded `embed` wrote. Filling an index from feature files is
-``clotho_retrieve/embed.py``.
+``store.py`` is the INDEX folder (its layout is documented there): :class:`EmbeddingIndex` reads it;
+``writer.py``'s :class:`IndexWriter` appends and updates rows. ``search.py`` ranks exactly (equal to a
+brute-force NumPy ranking); ``ann.py`` builds, tunes and measures FAISS indexes (IVF-Flat, HNSW-Flat,
+OPQ+IVF+PQ) whose structure ``rules.py`` chooses from N, D and a memory budget (autofaiss's rules).
+``parts.py`` assembles one index from the parts a sharded `embed` wrote. Filling an index from feature
+files is ``clotho_retrieve/embed.py``.
 """
 
 from clotho_retrieve.index.ann import (
@@ -16,6 +16,7 @@ from clotho_retrieve.index.ann import (
     build_faiss,
     serialized_bytes,
 )
+from clotho_retrieve.index.integrity import CAPTION_COLUMNS, CLIP_COLUMNS
 from clotho_retrieve.index.rules import (
     AUTO_EXACT_MAX,
     INDEX_TYPES,
@@ -31,13 +32,11 @@ from clotho_retrieve.index.search import (
     faiss_search,
 )
 from clotho_retrieve.index.store import (
-    CAPTION_COLUMNS,
-    CLIP_COLUMNS,
     FORMAT_VERSION,
     INDEX_FILE,
     EmbeddingIndex,
-    IndexWriter,
 )
+from clotho_retrieve.index.writer import IndexWriter
 
 __all__ = [
     "AUTO_EXACT_MAX",

@@ -33,8 +33,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from clotho_retrieve.index.integrity import CLIP_COLUMNS
 from clotho_retrieve.index.search import chunk_ranges, drop_ann_index
-from clotho_retrieve.index.store import CLIP_COLUMNS, INDEX_FILE, IndexWriter
+from clotho_retrieve.index.store import INDEX_FILE
+from clotho_retrieve.index.writer import IndexWriter
 from clotho_retrieve.utils import ClothoRetrieveError, atomic_path, atomic_write_text
 
 PARTS_DIR = "parts"
