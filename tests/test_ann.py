@@ -4,7 +4,6 @@ index whose recall, memory report and stored settings are checked against indepe
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import faiss
 import numpy as np
@@ -20,7 +19,7 @@ from clotho_retrieve.index import (
     choose_index_type,
     parse_memory,
 )
-from clotho_retrieve.index.ann import RECALL_SLACK, recall_excluding_self, set_search_params, trim_nprobe
+from clotho_retrieve.index.ann import recall_excluding_self
 from clotho_retrieve.index.rules import REFINE_FACTOR, nb_clusters, train_points
 from clotho_retrieve.utils import ClothoRetrieveError
 
@@ -185,26 +184,6 @@ def test_small_pq_index_recall_and_memory(pq_index):
     assert ours >= 0.75, ours  # measured 0.81 (plain PQ 0.77): broken training or search falls far below
     # the report's own recall (other sampled rows) agrees
     assert abs(report.recall_at_10 - ours) < 0.1 and report.recall_queries == 100
-
-
-def test_nprobe_is_trimmed_to_where_recall_stops_rising(pq_index):
-    """Clustered vectors: a query's neighbours lie in a few cells, so probing half of the 512 cells finds
-    no more than probing a few. The trimmed nprobe keeps the wide one's recall (recomputed here by brute
-    force on other queries than the build's) and halving it once more would lose some."""
-    vectors, index, cfg, _ = pq_index
-    rows = np.random.default_rng(11).choice(len(vectors), 100, replace=False)
-    queries, truth = vectors[rows], brute_force(vectors, vectors[rows], 11)
-
-    def recall(nprobe: int) -> float:
-        set_search_params(index, cfg, nprobe)
-        return recall_excluding_self(index.search(queries, 11)[1], truth, rows, 10)
-
-    wide = cfg.nlist // 2
-    trimmed = trim_nprobe(index, replace(cfg, nprobe=wide), queries, truth, rows, 10)
-    print(f"nprobe {wide} -> {trimmed}: recall {recall(wide):.3f} -> {recall(trimmed):.3f}")
-    assert trimmed <= wide // 8
-    assert recall(trimmed) >= recall(wide) - RECALL_SLACK
-    assert trimmed == 1 or recall(trimmed // 2) < recall(wide) - RECALL_SLACK
 
 
 def test_pq_index_of_an_index_folder(tmp_path):

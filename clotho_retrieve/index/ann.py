@@ -63,7 +63,6 @@ OPQ_NITER, OPQ_NITER_PQ, OPQ_NITER_PQ_0 = 8, 2, 10
 OPQ_TRAIN_MAX = 40 * 256
 PQ_NITER, PQ_POINTS_PER_CENTROID = 10, 64
 NPROBE_MAX = 6144  # autofaiss's upper bound for nprobe
-RECALL_SLACK = 0.005  # nprobe is then halved while recall@10 stays within this of the tuned value's
 SAMPLE_BLOCK = 4096  # rows per randomly chosen block when sampling training vectors
 
 
@@ -305,24 +304,6 @@ def tune_nprobe(index, cfg: AnnConfig, queries: np.ndarray, k: int = 10) -> int:
     return best
 
 
-def trim_nprobe(
-    index, cfg: AnnConfig, queries: np.ndarray, truth: np.ndarray, rows: np.ndarray, k: int
-) -> int:
-    """Halve cfg.nprobe (the latency-bound value) while recall@k stays within RECALL_SLACK of its own
-    (ours, beyond autofaiss): once the probed cells hold the neighbours, more cells cost time and find
-    nothing (10M x 1024: nprobe 320 and 32 both give 0.915, in 9.0 and 1.3 ms). truth: exact (Q, k + 1)."""
-
-    def recall(nprobe: int) -> float:
-        set_search_params(index, cfg, nprobe)
-        return recall_excluding_self(index.search(queries, k + 1)[1], truth, rows, k)
-
-    nprobe = cfg.nprobe
-    floor = recall(nprobe) - RECALL_SLACK
-    while nprobe > 1 and recall(nprobe // 2) >= floor:
-        nprobe //= 2
-    return nprobe
-
-
 def recall_excluding_self(ids: np.ndarray, truth: np.ndarray, rows: np.ndarray, k: int) -> float:
     """Mean |approx top-k ∩ exact top-k| / k, each query's own row removed from both lists first.
 
@@ -398,8 +379,6 @@ def build_and_measure(
     t2 = time.perf_counter()
     if cfg.index_type != "hnsw" and not cfg.nprobe and len(queries):
         cfg = replace(cfg, nprobe=tune_nprobe(index, cfg, queries, k))
-        if n > k:
-            cfg = replace(cfg, nprobe=trim_nprobe(index, cfg, queries, truth.ids, q_rows, k))
     cfg = replace(cfg, nprobe=0 if cfg.index_type == "hnsw" else min(cfg.nprobe or 16, cfg.nlist))
     set_search_params(index, cfg)
     recall = latency = None
