@@ -18,15 +18,21 @@ from concurrent.futures import Future
 class Batcher:
     """Calls ``fn(items) -> results`` (same length, same order) on batches of submitted items."""
 
-    def __init__(self, fn: Callable[[list], list], max_batch: int = 32, name: str = "batcher"):
+    def __init__(
+        self, fn: Callable[[list], list], max_batch: int = 32, name: str = "batcher", workers: int = 1
+    ):
         self.fn = fn
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self._count = threading.Lock()
         self.batches = 0  # batches run, and items in them (their ratio: the mean batch size)
         self.items = 0
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, item) -> Future:
         if self._closed:
@@ -39,6 +45,7 @@ class Batcher:
         while True:
             first = self._queue.get()
             if first is None:
+                self._queue.put(None)  # for the other workers
                 return
             batch = [first]
             while len(batch) < self.max_batch:
@@ -53,8 +60,9 @@ class Batcher:
             batch = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
             if not batch:
                 continue
-            self.batches += 1
-            self.items += len(batch)
+            with self._count:
+                self.batches += 1
+                self.items += len(batch)
             try:
                 results = self.fn([item for item, _ in batch])
             except Exception as exc:  # handed to every waiter; the worker keeps serving
@@ -67,5 +75,6 @@ class Batcher:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._thread.join(timeout=10)
+            self._queue.put(None)  # each worker that sees it puts it back for the next one
+            for thread in self._threads:
+                thread.join(timeout=10)
