@@ -5,11 +5,14 @@ encoder; random projector and audio tower) and an index of N synthetic clustered
 index.h5 format with an IVF FAISS index (see benchmarks/query.py), starts `clotho-retrieve serve` on it
 in its own process, then runs each number of clients for a bounded time. Every client keeps one HTTP
 connection and sends GET /api/search?q=...&k=10 back to back; every query text is different (drawn
-without replacement), so nothing is answered from a cache. Reported: requests/s, latency percentiles
-(client side, the full round trip), the server's own median time per request, errors.
+without replacement), so nothing is answered from serve's query cache (the "cache hits" column shows
+it). Reported: requests/s, latency percentiles (client side, the full round trip), the server's own
+median time per request, the CPU time per request of the server and of the clients (they share the
+cores), the mean batch of the text workers, errors, and the load average at the end of each row.
 
     .venv/bin/python benchmarks/serve.py [--clips 1000000] [--clients 8] [--seconds 30] [--dim 1024]
         [--workdir DIR]   (keeps the run and index there and reuses them: 1M x 1024 is a 4 GB index.h5)
+        [--serve-args "--text-precision fp32" --serve-args ""]   (servers compared one after the other)
 
 Goal on a 2-core machine: p50 <= 25 ms and p99 <= 100 ms at 8 clients, 0 errors.
 """
@@ -176,9 +179,11 @@ def health(port: int) -> dict:
     return json.loads(conn.getresponse().read())["indexes"][0]
 
 
-def batches(port: int) -> tuple[int, int]:
+def batches(port: int) -> tuple[int, int, int]:
+    """Text queries, batches and query-cache hits so far."""
     index = health(port)
-    return index.get("text_queries", 0), index.get("text_batches", 0)
+    hits = index.get("query_cache", {}).get("hits", 0)
+    return index.get("text_queries", 0), index.get("text_batches", 0), hits
 
 
 class Load:
@@ -293,15 +298,15 @@ def main() -> None:
     )
     console.width = max(console.width, 140)
     columns = ("serve options", "text tower", "clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms",
-               "max ms", "server ms", "server CPU ms/req", "client CPU ms/req", "mean batch", "errors",
-               "load")
+               "max ms", "server ms", "server CPU ms/req", "client CPU ms/req", "mean batch", "cache hits",
+               "errors", "load")
     for col in columns:
         table.add_column(col, justify="right")
     keys = ("rps", "p50", "p95", "p99", "max", "server", "cpu", "client_cpu", "batch")
     for r in rows:
         cells = [f"{r[key]:.1f}" for key in keys]
         table.add_row(r["options"] or "-", r["tower"], str(r["clients"]), f"{r['requests']:,}", *cells,
-                      str(r["errors"]), f"{r['load']:.1f}")
+                      f"{r['cached']:.0%}", str(r["errors"]), f"{r['load']:.1f}")
     console.print(table)
     for r in rows:
         if r["clients"] == 8:
@@ -317,9 +322,10 @@ def measure(proc, port: int, load: Load, clients: list[int], seconds: float, opt
     tower, rows = health(port).get("text_tower", "?"), []
     for n in clients:
         err_console.log(f"serve {options or '(defaults)'}: {n} clients for {seconds:g} s")
-        cpu0, (q0, b0), own0 = cpu_seconds(proc.pid), batches(port), time.process_time()
+        cpu0, (q0, b0, h0), own0 = cpu_seconds(proc.pid), batches(port), time.process_time()
         row = load.run(n, seconds)
-        cpu1, (q1, b1), own1 = cpu_seconds(proc.pid), batches(port), time.process_time()
+        cpu1, (q1, b1, h1), own1 = cpu_seconds(proc.pid), batches(port), time.process_time()
+        row["cached"] = (h1 - h0) / max(1, q1 - q0)  # answered from the query cache (distinct texts: 0)
         row["cpu"] = (cpu1 - cpu0) * 1e3 / max(1, row["requests"])
         row["client_cpu"] = (own1 - own0) * 1e3 / max(1, row["requests"])  # the clients share the cores
         row["batch"] = (q1 - q0) / max(1, b1 - b0)

@@ -106,6 +106,18 @@ def test_concurrent_searches_each_get_their_own_answer(base, lib, vectors):
         assert [h["id"] for h in data["results"]] == list(brute_force(vectors, encode(lib.model, q), k)[0])
 
 
+def test_a_repeated_query_is_answered_from_the_query_cache(base):
+    def cache():
+        return get(base, "/api/health").json()["indexes"][0]["query_cache"]
+
+    before = cache()
+    first = get(base, "/api/search?q=a%20cached%20hum&k=3").json()["results"]
+    again = get(base, "/api/search?q=a%20%20cached%20hum%20&k=3").json()["results"]  # same text, spaced
+    after = cache()
+    assert again == first
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 1)
+
+
 def test_more_like_this_ranks_the_others_by_the_clips_own_embedding(base, lib, vectors):
     row = 4
     data = get(base, f"/api/similar/lib/{row}?k=4").json()
@@ -501,3 +513,26 @@ def test_captions_in_memory_equal_index_h5_and_disk_reads_stay_when_too_big(lib)
         for x in (big, small):
             if x is not None:
                 x.close()
+
+
+def test_query_cache_encodes_each_text_once_and_forgets_the_oldest():
+    from clotho_retrieve.serve.cache import QueryCache
+
+    calls = []
+
+    def encode(texts):  # (B, 2): a vector that names its text
+        calls.append(list(texts))
+        return np.array([[len(t), ord(t[0])] for t in texts], np.float32)
+
+    cache = QueryCache(encode, size=2)
+    np.testing.assert_array_equal(cache(["ab", "c"]), encode(["ab", "c"]))
+    calls.clear()
+    np.testing.assert_array_equal(cache(["c", "dddd", "ab"]), [[1, 99], [4, 100], [2, 97]])
+    assert calls == [["dddd"]]  # "c" and "ab" were kept (and used: "c" is now the oldest)
+    assert cache.stats() == {"size": 2, "held": 2, "hits": 2, "misses": 3}
+    calls.clear()
+    cache(["ab"]), cache(["c"])  # "dddd" pushed "c" out
+    assert calls == [["c"]] and cache.stats()["hits"] == 3
+    off = QueryCache(encode, size=0)
+    off(["x"]), off(["x"])
+    assert off.stats() == {"size": 0, "held": 0, "hits": 0, "misses": 2}

@@ -265,6 +265,9 @@ def serve_cmd(
         "int8", "--text-precision",
         help="ONNX text tower: int8 (~4x less CPU per query, cosine ~0.995 to fp32) | fp32 (exact).",
     ),
+    query_cache: int = typer.Option(
+        1024, "--query-cache", min=0, help="Embeddings of this many recent query texts kept (0: none)."
+    ),
 ) -> None:
     """7. Search, browse and listen in a browser, with a JSON API (one process keeps the model loaded).
 
@@ -285,7 +288,7 @@ def serve_cmd(
         )
     with err_console.status("loading the indexes and their text models"):
         libraries = load_libraries(
-            index, features, audio_root, resolve_device(device), bf16, text_precision
+            index, features, audio_root, resolve_device(device), bf16, text_precision, query_cache
         )
     for lib in libraries.values():
         audio = "audio available" if lib.audio_available else "audio unavailable (--audio-root)"

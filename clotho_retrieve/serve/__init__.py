@@ -79,6 +79,7 @@ def load_libraries(
     device: str = "cpu",
     bf16: bool = False,
     text_precision: str = "int8",
+    query_cache: int = 1024,
 ):
     """Open every --index (and its run's text tower, shared by indexes of the same run; ONNX towers in
     ``text_precision``, see clotho_retrieve/text_int8.py)."""
@@ -105,7 +106,8 @@ def load_libraries(
         for name, folder in named.items():
             root = by_index.get(name)
             libraries[name] = Library(
-                name, folder, feature_paths, root, device, encoders, bf16=bf16, text_precision=text_precision
+                name, folder, feature_paths, root, device, encoders, bf16=bf16, text_precision=text_precision,
+                query_cache=query_cache,
             )
     except BaseException:
         for lib in libraries.values():

@@ -31,6 +31,7 @@ import numpy as np
 from clotho_retrieve.serve import backend
 from clotho_retrieve.serve.backend import ClothoRetrieveError
 from clotho_retrieve.serve.batcher import Batcher
+from clotho_retrieve.serve.cache import QueryCache
 from clotho_retrieve.serve.thumbs import thumbnail_png
 
 AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg"}
@@ -140,6 +141,7 @@ class Library:
         bf16: bool = False,
         text_precision: str = "int8",
         captions_in_memory_max: int = 2**30,
+        query_cache: int = 1024,
     ):
         self.name = name
         self.device = device
@@ -164,6 +166,7 @@ class Library:
         except BaseException:
             self.index.close()
             raise
+        self.query_cache = QueryCache(self.encode_texts, query_cache)  # repeated queries skip the tower
         self.batcher = Batcher(self._search_texts, name=f"text-{name}", workers=self._text_workers())
         self._thumbs: OrderedDict[int, bytes | None] = OrderedDict()
         self._thumb_cache = thumbnail_cache
@@ -217,6 +220,7 @@ class Library:
             "text_tower": self.text_tower_kind(),
             "text_queries": self.batcher.items,
             "text_batches": self.batcher.batches,
+            "query_cache": self.query_cache.stats(),
         }
 
     def text_tower_kind(self) -> str:
@@ -237,7 +241,7 @@ class Library:
     def _search_texts(self, items: list[tuple[str, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """A batch of (text, k) -> per text (scores, rows): one encoder call, one index search."""
         k = max(k for _, k in items)
-        scores, rows = self.index.search(self.encode_texts([t for t, _ in items]), k)  # (B, k) each
+        scores, rows = self.index.search(self.query_cache([t for t, _ in items]), k)  # (B, k) each
         return [(scores[i, :ki], rows[i, :ki]) for i, (_, ki) in enumerate(items)]
 
     def search_text(self, text: str, k: int):
