@@ -477,26 +477,6 @@ def test_bf16_text_tower_agrees_with_float32(lib):
     assert (fp32 * bf16).sum(1).min() > 0.999  # the same direction, to bfloat16's precision
 
 
-def test_batcher_workers_run_batches_at_the_same_time():
-    """Two workers: a second batch starts while the first is still running (a barrier both must reach),
-    every caller still gets its own answer, and close() stops both."""
-    barrier = threading.Barrier(2, timeout=5)
-
-    def fn(items):
-        if items[0] in (0, 1):
-            barrier.wait()  # raises BrokenBarrierError unless the other batch runs meanwhile
-        return [x + 100 for x in items]
-
-    batcher = Batcher(fn, max_batch=1, workers=2)
-    futures = [batcher.submit(i) for i in range(8)]
-    assert [f.result(10) for f in futures] == list(range(100, 108))
-    assert batcher.items == 8 and batcher.batches == 8
-    batcher.close()
-    assert not any(t.is_alive() for t in batcher._threads)
-    with pytest.raises(RuntimeError, match="closed"):
-        batcher.submit(0)
-
-
 def test_captions_in_memory_equal_index_h5_and_disk_reads_stay_when_too_big(lib):
     from clotho_retrieve.serve.library import Library
 
@@ -514,25 +494,3 @@ def test_captions_in_memory_equal_index_h5_and_disk_reads_stay_when_too_big(lib)
             if x is not None:
                 x.close()
 
-
-def test_query_cache_encodes_each_text_once_and_forgets_the_oldest():
-    from clotho_retrieve.serve.cache import QueryCache
-
-    calls = []
-
-    def encode(texts):  # (B, 2): a vector that names its text
-        calls.append(list(texts))
-        return np.array([[len(t), ord(t[0])] for t in texts], np.float32)
-
-    cache = QueryCache(encode, size=2)
-    np.testing.assert_array_equal(cache(["ab", "c"]), encode(["ab", "c"]))
-    calls.clear()
-    np.testing.assert_array_equal(cache(["c", "dddd", "ab"]), [[1, 99], [4, 100], [2, 97]])
-    assert calls == [["dddd"]]  # "c" and "ab" were kept (and used: "c" is now the oldest)
-    assert cache.stats() == {"size": 2, "held": 2, "hits": 2, "misses": 3}
-    calls.clear()
-    cache(["ab"]), cache(["c"])  # "dddd" pushed "c" out
-    assert calls == [["c"]] and cache.stats()["hits"] == 3
-    off = QueryCache(encode, size=0)
-    off(["x"]), off(["x"])
-    assert off.stats() == {"size": 0, "held": 0, "hits": 0, "misses": 2}
