@@ -50,3 +50,41 @@ def test_query_cache_encodes_each_text_once_and_forgets_the_oldest():
     off = QueryCache(encode, size=0)
     off(["x"]), off(["x"])
     assert off.stats() == {"size": 0, "held": 0, "hits": 0, "misses": 2}
+
+
+def test_batcher_hands_out_each_result_as_soon_as_it_is_yielded():
+    """fn may yield results one by one: the first caller is answered while the rest are still being made,
+    and an error part-way reaches only the callers not yet answered."""
+    second, taken = threading.Event(), threading.Event()
+
+    def fn(items):
+        taken.set()
+        yield items[0] * 10
+        second.wait(5)  # released only once the first caller has its answer
+        for x in items[1:]:
+            if x == "boom":
+                raise ValueError("boom")
+            yield x * 10
+
+    batcher = Batcher(fn, max_batch=8)
+    gate = batcher.submit(0)  # the worker runs this one alone while the others queue up
+    first, rest = batcher.submit(1), [batcher.submit(i) for i in (2, 3)]
+    assert gate.result(5) == 0
+    second.set()
+    assert first.result(5) == 10 and [f.result(5) for f in rest] == [20, 30]
+    second.clear()
+    taken.clear()
+    blocker = batcher.submit(7)  # occupies the worker until `second` is set
+    assert taken.wait(5)
+    futures = [batcher.submit(x) for x in (4, "boom", 6)]
+    assert blocker.result(5) == 70
+    second.set()
+    assert futures[0].result(5) == 40
+    for f in futures[1:]:
+        with pytest.raises(ValueError, match="boom"):
+            f.result(5)
+    short = Batcher(lambda items: iter([]))
+    with pytest.raises(RuntimeError, match="fewer results"):
+        short.submit(1).result(5)
+    batcher.close()
+    short.close()

@@ -14,14 +14,22 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
+_MISSING = object()
+
 
 class Batcher:
-    """Calls ``fn(items) -> results`` (same length, same order) on batches of submitted items."""
+    """Calls ``fn(items) -> results`` (same length, same order) on batches of submitted items, in
+    ``workers`` threads; each first calls ``init()`` (settings that belong to a thread, e.g. OpenMP's)."""
 
     def __init__(
-        self, fn: Callable[[list], list], max_batch: int = 32, name: str = "batcher", workers: int = 1
+        self,
+        fn: Callable[[list], list],
+        max_batch: int = 32,
+        name: str = "batcher",
+        workers: int = 1,
+        init: Callable[[], None] | None = None,
     ):
-        self.fn = fn
+        self.fn, self.init = fn, init
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
@@ -42,6 +50,8 @@ class Batcher:
         return fut
 
     def _work(self) -> None:
+        if self.init is not None:
+            self.init()
         while True:
             first = self._queue.get()
             if first is None:
@@ -63,14 +73,23 @@ class Batcher:
             with self._count:
                 self.batches += 1
                 self.items += len(batch)
-            try:
-                results = self.fn([item for item, _ in batch])
-            except Exception as exc:  # handed to every waiter; the worker keeps serving
-                for _, fut in batch:
-                    fut.set_exception(exc)
-                continue
-            for (_, fut), result in zip(batch, results, strict=True):
+            self._run(batch)
+
+    def _run(self, batch: list) -> None:
+        """Hand each caller its result as soon as ``fn`` gives it (``fn`` may return a list, or yield the
+        results one by one); an exception goes to every caller still waiting, and the worker serves on."""
+        done = 0
+        try:
+            results = iter(self.fn([item for item, _ in batch]))
+            for _, fut in batch:
+                result = next(results, _MISSING)
+                if result is _MISSING:
+                    raise RuntimeError(f"batcher: fewer results than the {len(batch)} items of a batch")
                 fut.set_result(result)
+                done += 1
+        except Exception as exc:
+            for _, fut in batch[done:]:
+                fut.set_exception(exc)
 
     def close(self) -> None:
         if not self._closed:

@@ -23,6 +23,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +168,12 @@ class Library:
             self.index.close()
             raise
         self.query_cache = QueryCache(self.encode_texts, query_cache)  # repeated queries skip the tower
-        self.batcher = Batcher(self._search_texts, name=f"text-{name}", workers=self._text_workers())
+        self.batcher = Batcher(
+            self._search_texts, name=f"text-{name}", workers=self._text_workers(),
+            # OpenMP's thread count is per thread: without this each worker's FAISS search would start
+            # a team of one thread per core, whose spinning took a third of a core per worker
+            init=lambda: backend.faiss_threads(1),
+        )
         self._thumbs: OrderedDict[int, bytes | None] = OrderedDict()
         self._thumb_cache = thumbnail_cache
         self._thumb_lock = threading.Lock()
@@ -238,11 +244,20 @@ class Library:
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors
 
-    def _search_texts(self, items: list[tuple[str, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """A batch of (text, k) -> per text (scores, rows): one encoder call, one index search."""
-        k = max(k for _, k in items)
-        scores, rows = self.index.search(self.query_cache([t for t, _ in items]), k)  # (B, k) each
-        return [(scores[i, :ki], rows[i, :ki]) for i, (_, ki) in enumerate(items)]
+    def _search_texts(self, items: list[tuple[str, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """A batch of (text, k) -> per text (scores, rows), yielded in order: one encoder pass for the
+        batch; then with FAISS one search per text, so each answer goes out as soon as it is found (FAISS
+        searches the queries of a batch one after the other anyway), with exact search one matrix
+        product for the batch (the vectors are read once)."""
+        vectors = self.query_cache([t for t, _ in items])  # (B, D)
+        if self.index.ann is not None:
+            for i, (_, k) in enumerate(items):
+                scores, rows = self.index.search(vectors[i : i + 1], k)  # (1, k) each
+                yield scores[0], rows[0]
+            return
+        scores, rows = self.index.search(vectors, max(k for _, k in items))  # (B, k) each
+        for i, (_, k) in enumerate(items):
+            yield scores[i, :k], rows[i, :k]
 
     def search_text(self, text: str, k: int):
         """A concurrent.futures.Future of (scores, rows) for one text (batched with concurrent ones)."""
