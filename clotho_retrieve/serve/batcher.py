@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 _MISSING = object()
@@ -25,7 +25,7 @@ class Batcher:
 
     def __init__(
         self,
-        fn: Callable[[list], list],
+        fn: Callable[[list], Iterable],
         max_batch: int = 32,
         name: str = "batcher",
         workers: int = 1,

@@ -171,7 +171,7 @@ class Library:
         self.batcher = Batcher(
             self._search_texts, name=f"text-{name}", workers=self._text_workers(),
             # OpenMP's thread count is per thread: without this each worker's FAISS search would start
-            # a team of one thread per core, whose spinning took a third of a core per worker
+            # a team of one thread per core, whose spinning cost ~17 % of a core per worker
             init=lambda: backend.faiss_threads(1),
         )
         self._thumbs: OrderedDict[int, bytes | None] = OrderedDict()
