@@ -5,11 +5,14 @@ encoder; random projector and audio tower) and an index of N synthetic clustered
 index.h5 format with an IVF FAISS index (see benchmarks/query.py), starts `clotho-retrieve serve` on it
 in its own process, then runs each number of clients for a bounded time. Every client keeps one HTTP
 connection and sends GET /api/search?q=...&k=10 back to back; every query text is different (drawn
-without replacement), so nothing is answered from a cache. Reported: requests/s, latency percentiles
-(client side, the full round trip), the server's own median time per request, errors.
+without replacement), so nothing is answered from serve's query cache (the "cache hits" column shows
+it). Reported: requests/s, latency percentiles (client side, the full round trip), the server's own
+median time per request, the CPU time per request of the server and of the clients (they share the
+cores), the mean batch of the text workers, errors, and the load average at the end of each row.
 
     .venv/bin/python benchmarks/serve.py [--clips 1000000] [--clients 8] [--seconds 30] [--dim 1024]
         [--workdir DIR]   (keeps the run and index there and reuses them: 1M x 1024 is a 4 GB index.h5)
+        [--serve-args "--text-precision fp32" --serve-args ""]   (servers compared one after the other)
 
 Goal on a 2-core machine: p50 <= 25 ms and p99 <= 100 ms at 8 clients, 0 errors.
 """
@@ -169,11 +172,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def batches(port: int) -> tuple[int, int]:
+def health(port: int) -> dict:
+    """The served index's entry in /api/health (text tower, text queries and batches so far)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/api/health")
-    index = json.loads(conn.getresponse().read())["indexes"][0]
-    return index.get("text_queries", 0), index.get("text_batches", 0)
+    return json.loads(conn.getresponse().read())["indexes"][0]
+
+
+def batches(port: int) -> tuple[int, int, int]:
+    """Text queries, batches and query-cache hits so far."""
+    index = health(port)
+    hits = index.get("query_cache", {}).get("hits", 0)
+    return index.get("text_queries", 0), index.get("text_batches", 0), hits
 
 
 class Load:
@@ -247,7 +257,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30, help="measured time per number of clients")
     ap.add_argument("-k", type=int, default=10, help="results per query")
     ap.add_argument("--workdir", type=Path, help="keep the run and index here, and reuse them")
-    ap.add_argument("--serve-args", default="", help='more `serve` options, e.g. "--bf16"')
+    ap.add_argument(
+        "--serve-args", action="append",
+        help='more `serve` options, e.g. "--text-precision fp32"; repeat it to compare servers in one run '
+        '(one after the other, same clients and queries)',
+    )
     ap.add_argument("--no-onnx", action="store_true", help="no ONNX text tower: the torch text tower")
     args = ap.parse_args()
     global ONNX_OFF
@@ -259,24 +273,15 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         index = prepare(workdir, args.clips, args.dim, args.centres)
         size = (index / INDEX_FILE).stat().st_size + (index / "faiss.index").stat().st_size
-        proc, port, startup = start_server(index, workdir / "serve.log", args.serve_args.split())
-        rows = []
-        try:
-            load = Load(port, queries(), args.k)
-            load.run(1, 2.0)  # warm the server (first batches, page cache)
-            load_before = os.getloadavg()[0]
-            for n in clients:
-                err_console.log(f"{n} clients for {args.seconds:g} s")
-                cpu0, (q0, b0) = cpu_seconds(proc.pid), batches(port)
-                row = load.run(n, args.seconds)
-                cpu1, (q1, b1) = cpu_seconds(proc.pid), batches(port)
-                row["cpu"] = (cpu1 - cpu0) * 1e3 / max(1, row["requests"])
-                row["batch"] = (q1 - q0) / max(1, b1 - b0)
-                rows.append(row)
-            load_after = os.getloadavg()[0]
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        texts, rows, startups = queries(), [], []
+        for extra in args.serve_args or [""]:
+            proc, port, startup = start_server(index, workdir / "serve.log", extra.split())
+            startups.append(f"{startup:.0f} s")
+            try:
+                rows += measure(proc, port, Load(port, texts, args.k), clients, args.seconds, extra)
+            finally:
+                proc.terminate()
+                proc.wait(30)
 
     meta = json.loads((index / "faiss.json").read_text()) if (index / "faiss.json").exists() else {}
     cfg = meta.get("config", {})
@@ -284,27 +289,49 @@ def main() -> None:
         title=(
             f"serve: GET /api/search, k={args.k}, {args.clips:,} clips x {args.dim} "
             f"(IVF nlist={cfg.get('nlist')} nprobe={cfg.get('nprobe')}), MiniLM text tower, "
-            f"{os.cpu_count()} CPUs{' (serve ' + args.serve_args + ')' if args.serve_args else ''}"
+            f"{os.cpu_count()} CPUs"
         ),
         caption=(
-            f"server start-up {startup:.1f} s; index files {size / 2**30:.1f} GiB; load average "
-            f"{load_before:.1f} before, {load_after:.1f} after; {args.seconds:g} s per row"
+            f"server start-up {', '.join(startups)}; index files {size / 2**30:.1f} GiB; {args.seconds:g} s "
+            "per row; load: the 1-minute load average at the end of the row (the server's own load included)"
         ),
     )
-    console.width = max(console.width, 120)
-    columns = ("clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "server ms",
-               "server CPU ms/req", "mean batch", "errors")
+    console.width = max(console.width, 140)
+    columns = ("serve options", "text tower", "clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms",
+               "max ms", "server ms", "server CPU ms/req", "client CPU ms/req", "mean batch", "cache hits",
+               "errors", "load")
     for col in columns:
         table.add_column(col, justify="right")
+    keys = ("rps", "p50", "p95", "p99", "max", "server", "cpu", "client_cpu", "batch")
     for r in rows:
-        cells = [f"{r[key]:.1f}" for key in ("rps", "p50", "p95", "p99", "max", "server", "cpu", "batch")]
-        table.add_row(str(r["clients"]), f"{r['requests']:,}", *cells, str(r["errors"]))
+        cells = [f"{r[key]:.1f}" for key in keys]
+        table.add_row(r["options"] or "-", r["tower"], str(r["clients"]), f"{r['requests']:,}", *cells,
+                      f"{r['cached']:.0%}", str(r["errors"]), f"{r['load']:.1f}")
     console.print(table)
-    goal = [r for r in rows if r["clients"] == 8]
-    for r in goal:
-        met = r["p50"] <= 25 and r["p99"] <= 100 and r["errors"] == 0
-        verdict = "met" if met else "NOT met"
-        console.print(f"goal at 8 clients (p50 <= 25 ms, p99 <= 100 ms, 0 errors): {verdict}")
+    for r in rows:
+        if r["clients"] == 8:
+            met = r["p50"] <= 25 and r["p99"] <= 100 and r["errors"] == 0
+            verdict = "met" if met else "NOT met"
+            console.print(f"goal at 8 clients (p50 <= 25 ms, p99 <= 100 ms, 0 errors), "
+                          f"{r['options'] or 'defaults'}: {verdict}")
+
+
+def measure(proc, port: int, load: Load, clients: list[int], seconds: float, options: str) -> list[dict]:
+    """One row per number of clients against one server (after 2 s of warm-up)."""
+    load.run(1, 2.0)  # warm the server (first batches, page cache)
+    tower, rows = health(port).get("text_tower", "?"), []
+    for n in clients:
+        err_console.log(f"serve {options or '(defaults)'}: {n} clients for {seconds:g} s")
+        cpu0, (q0, b0, h0), own0 = cpu_seconds(proc.pid), batches(port), time.process_time()
+        row = load.run(n, seconds)
+        cpu1, (q1, b1, h1), own1 = cpu_seconds(proc.pid), batches(port), time.process_time()
+        row["cached"] = (h1 - h0) / max(1, q1 - q0)  # answered from the query cache (distinct texts: 0)
+        row["cpu"] = (cpu1 - cpu0) * 1e3 / max(1, row["requests"])
+        row["client_cpu"] = (own1 - own0) * 1e3 / max(1, row["requests"])  # the clients share the cores
+        row["batch"] = (q1 - q0) / max(1, b1 - b0)
+        row.update(options=options, tower=tower, load=os.getloadavg()[0])
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

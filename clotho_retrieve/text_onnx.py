@@ -395,30 +395,40 @@ class OnnxTextEncoder:
 def ensure_text_tower(
     index_dir: str | os.PathLike, model_dir: str | os.PathLike, weights_sha256: str, model=None
 ) -> Path | None:
-    """Export the run's text tower beside an index unless a current one is there; returns its folder.
+    """Export the run's text tower beside an index unless a current one is there, and its int8 version
+    for `serve` (clotho_retrieve/text_int8.py); returns the float32 tower's folder.
 
     ``model``: the run's RetrievalModel when the caller has it with its text tower (spares loading it
     again). A text model that cannot be exported is reported in one line and None returned: queries of
-    that index go through torch.
+    that index go through torch. A tower that cannot be quantized is reported in one line (`serve` then
+    uses the float32 one).
     """
     from rich.markup import escape
 
     from clotho_retrieve.utils import err_console
 
     found = find_text_tower(index_dir, weights_sha256)
-    if found is not None:
-        return found
     try:
-        with err_console.status("exporting the text tower to ONNX"):
-            if model is not None and getattr(model, "text", None) is not None:
-                return export_text_tower(model, tower_dir(index_dir), weights_sha256)
-            return export_model_dir(model_dir, tower_dir(index_dir), weights_sha256)
+        if found is None:
+            with err_console.status("exporting the text tower to ONNX"):
+                if model is not None and getattr(model, "text", None) is not None:
+                    found = export_text_tower(model, tower_dir(index_dir), weights_sha256)
+                else:
+                    found = export_model_dir(model_dir, tower_dir(index_dir), weights_sha256)
     except ClothoRetrieveError as exc:
         err_console.print(
             f"[yellow]warning:[/] no ONNX text tower, text queries will use torch: {escape(str(exc))}",
             soft_wrap=True,
         )
         return None
+    from clotho_retrieve.text_int8 import ensure_int8_tower
+
+    try:
+        with err_console.status("quantizing the text tower to int8"):
+            ensure_int8_tower(found)
+    except ClothoRetrieveError as exc:
+        err_console.print(f"[yellow]warning:[/] no int8 text tower: {escape(str(exc))}", soft_wrap=True)
+    return found
 
 
 def open_text_tower(index_dir: str | os.PathLike, weights_sha256: str, **options) -> OnnxTextEncoder | None:

@@ -4,6 +4,7 @@ guards, byte ranges, and the pieces (range parsing, path containment, batching, 
 
 from __future__ import annotations
 
+import json
 import struct
 import threading
 import zlib
@@ -35,7 +36,9 @@ def lib(tmp_path_factory, minilm_path):
 
 @pytest.fixture(scope="module")
 def base(lib):
-    with server("--index", f"lib={lib.index}", "--max-upload-mb", "1", log=lib.root / "serve.log") as url:
+    # float32 text tower: its answers are compared with torch's to 1e-5 (the int8 default: see below)
+    args = ("--index", f"lib={lib.index}", "--max-upload-mb", "1", "--text-precision", "fp32")
+    with server(*args, log=lib.root / "serve.log") as url:
         yield url
 
 
@@ -63,6 +66,7 @@ def test_health_describes_the_index(base, lib):
     (index,) = r.json()["indexes"]
     assert index["name"] == "lib" and index["clips"] == len(lib.names)
     assert index["audio"] is True and index["thumbnails"] is True and index["index_type"] == "exact"
+    assert index["text_tower"] == "onnx fp32"
 
 
 def test_text_search_equals_brute_force_with_the_clips_metadata(base, lib, vectors):
@@ -100,6 +104,18 @@ def test_concurrent_searches_each_get_their_own_answer(base, lib, vectors):
     for (q, k), data in zip(queries, answers, strict=True):
         assert data["query"] == q
         assert [h["id"] for h in data["results"]] == list(brute_force(vectors, encode(lib.model, q), k)[0])
+
+
+def test_a_repeated_query_is_answered_from_the_query_cache(base):
+    def cache():
+        return get(base, "/api/health").json()["indexes"][0]["query_cache"]
+
+    before = cache()
+    first = get(base, "/api/search?q=a%20cached%20hum&k=3").json()["results"]
+    again = get(base, "/api/search?q=a%20%20cached%20hum%20&k=3").json()["results"]  # same text, spaced
+    after = cache()
+    assert again == first
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 1)
 
 
 def test_more_like_this_ranks_the_others_by_the_clips_own_embedding(base, lib, vectors):
@@ -299,6 +315,31 @@ def test_moved_audio_still_searches_and_says_unavailable(guarded):
     assert r.status == 404 and "clip0.wav unavailable: not found in" in r.json()["error"]
 
 
+def test_the_default_int8_text_tower_scores_as_float32_does_to_its_precision(guarded, lib, vectors):
+    """`serve` encodes with the int8 tower by default. Its embeddings keep a cosine >= 0.98 to float32
+    ones (text_int8.MIN_COSINE), so each score moves by at most ||e_int8 - e_fp32|| <= sqrt(2 (1 - 0.98)),
+    and the clip that torch ranks first stays near the top."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert get(guarded, "/api/health", **auth).json()["indexes"][0]["text_tower"] == "onnx int8"
+    for q in ["tone number 3", "a hum at pitch 5", "a dog barks in the rain"]:
+        results = get(guarded, f"/api/search?q={quote(q)}&k={len(lib.names)}", **auth).json()["results"]
+        want = vectors @ encode(lib.model, q)[0]  # (N,) float32 torch scores
+        got = {h["id"]: h["score"] for h in results}
+        assert sorted(got) == list(range(len(lib.names)))
+        bound = (2 * (1 - 0.98)) ** 0.5
+        assert max(abs(got[i] - want[i]) for i in got) <= bound
+        order = [h["id"] for h in results]
+        above = order[: order.index(int(np.argmax(want)))]  # clips int8 puts above torch's first
+        assert all(want[i] >= want.max() - 2 * bound for i in above)
+
+
+def test_a_bad_text_precision_is_refused_in_one_line(lib):
+    result = CliRunner().invoke(cli_app, ["serve", "--index", str(lib.index), "--text-precision", "int4"])
+    assert result.exit_code == 1
+    assert "--text-precision 'int4': choose int8 or fp32" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
 def test_non_loopback_host_warns(tmp_path):
     result = CliRunner().invoke(cli_app, ["serve", "--index", str(tmp_path / "none"), "--host", "0.0.0.0"])
     assert result.exit_code == 1
@@ -422,7 +463,10 @@ def test_bf16_text_tower_agrees_with_float32(lib):
     from clotho_retrieve.serve.library import Library
 
     texts = ["tone number 3", "a hum at pitch 5", "Café au lait — naïve 犬の鳴き声"]
-    libs = [Library("a", lib.index), Library("b", lib.index, bf16=True)]
+    libs = [
+        Library("a", lib.index, text_precision="fp32"),
+        Library("b", lib.index, bf16=True, text_precision="fp32"),
+    ]
     try:
         fp32, bf16 = (x.encode_texts(texts) for x in libs)  # (3, D) each
     finally:
@@ -431,3 +475,22 @@ def test_bf16_text_tower_agrees_with_float32(lib):
     assert bf16.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1, atol=1e-6)
     assert (fp32 * bf16).sum(1).min() > 0.999  # the same direction, to bfloat16's precision
+
+
+def test_captions_in_memory_equal_index_h5_and_disk_reads_stay_when_too_big(lib):
+    from clotho_retrieve.serve.library import Library
+
+    big, small = Library("a", lib.index, text_precision="fp32"), None
+    try:
+        assert big.captions is not None and len(big.captions) == len(lib.names)
+        assert [json.loads(big.captions[i]) for i in range(len(lib.names))] == lib.captions
+        small = Library("b", lib.index, text_precision="fp32", captions_in_memory_max=10)
+        assert small.captions is None  # more than 10 bytes of captions: read per answer
+        rows = np.array([4, 0, 7])
+        for x in (big, small):
+            assert [h["captions"] for h in x.hits(np.zeros(3), rows)] == [lib.captions[r] for r in rows]
+    finally:
+        for x in (big, small):
+            if x is not None:
+                x.close()
+

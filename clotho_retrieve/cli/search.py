@@ -187,12 +187,14 @@ def export_cmd(
 ) -> None:
     """Export the text tower of an index's run to ONNX (INDEX/text_tower/): text queries without torch.
 
-    `embed` does it for the indexes it writes; this is for an older index, or to export again.
+    Also writes its int8 version (INDEX/text_tower/int8/), which `serve` encodes with by default. `embed`
+    does both for the indexes it writes; this is for an older index, or to export again.
 
     Example: clotho-retrieve export   (the latest index; --index DIR for another)
     """
     from clotho_retrieve.index import EmbeddingIndex
     from clotho_retrieve.query import index_model_dir
+    from clotho_retrieve.text_int8 import quantize_text_tower
     from clotho_retrieve.text_onnx import export_model_dir, tower_dir
     from clotho_retrieve.utils import console
 
@@ -202,6 +204,14 @@ def export_cmd(
     with err_console.status(f"exporting the text tower of {model_dir} to ONNX"):
         folder = export_model_dir(model_dir, tower_dir(index), sha256)
     console.print(f"{folder}: ONNX text tower of {model_dir}", highlight=False)
+    try:
+        with err_console.status("quantizing it to int8 (for serve)"):
+            int8 = quantize_text_tower(folder)
+        console.print(f"{int8}: its int8 version (serve --text-precision int8)", highlight=False)
+    except ClothoRetrieveError as exc:  # the float32 tower is written: a warning, not a failure
+        from rich.markup import escape
+
+        err_console.print(f"[yellow]warning:[/] no int8 text tower: {escape(str(exc))}", soft_wrap=True)
 
 
 @command("query")
@@ -313,6 +323,13 @@ def serve_cmd(
         False, "--bf16",
         help="Text tower in bfloat16: faster on CPUs with AVX512-BF16 or AMX; scores move ~1e-4."
     ),
+    text_precision: str = typer.Option(
+        "int8", "--text-precision",
+        help="ONNX text tower: int8 (~3x faster than fp32, embeddings at cosine ~0.99 to it) | fp32.",
+    ),
+    query_cache: int = typer.Option(
+        1024, "--query-cache", min=0, help="Embeddings of this many recent query texts kept (0: none)."
+    ),
 ) -> None:
     """7. Search, browse and listen in a browser, with a JSON API (one process keeps the model loaded).
 
@@ -320,18 +337,27 @@ def serve_cmd(
     """
     from clotho_retrieve.serve import load_libraries, run_server
     from clotho_retrieve.serve.security import is_loopback
+    from clotho_retrieve.text_int8 import PRECISIONS
     from clotho_retrieve.utils import resolve_device
 
+    if text_precision not in PRECISIONS:
+        choices = " or ".join(PRECISIONS)
+        raise ClothoRetrieveError(f"--text-precision {text_precision!r}: choose {choices}")
     if not is_loopback(host):
         err_console.print(
             f"[yellow]warning:[/] serving on {host}: anyone who can reach this machine can search and "
             "download the audio" + ("" if token else "; --token (or CLOTHO_RETRIEVE_TOKEN) requires a token")
         )
     with err_console.status("loading the indexes and their text models"):
-        libraries = load_libraries(index, features, audio_root, resolve_device(device), bf16)
+        libraries = load_libraries(
+            index, features, audio_root, resolve_device(device), bf16, text_precision, query_cache
+        )
     for lib in libraries.values():
         audio = "audio available" if lib.audio_available else "audio unavailable (--audio-root)"
-        err_console.print(f"index [bold]{lib.name}[/]: {lib.count:,} clips from {lib.index.path}, {audio}")
+        err_console.print(
+            f"index [bold]{lib.name}[/]: {lib.count:,} clips from {lib.index.path}, {audio}, "
+            f"text tower {lib.text_tower_kind()}"
+        )
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     err_console.print(f"serving on [bold]{url}[/] (Ctrl+C to stop)", highlight=False, soft_wrap=True)

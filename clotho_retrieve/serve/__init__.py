@@ -78,15 +78,21 @@ def load_libraries(
     roots: list[str] | None = None,
     device: str = "cpu",
     bf16: bool = False,
+    text_precision: str = "int8",
+    query_cache: int = 1024,
 ):
-    """Open every --index (and its run's text tower, shared by indexes of the same run)."""
+    """Open every --index (and its run's text tower, shared by indexes of the same run; ONNX towers in
+    ``text_precision``, see clotho_retrieve/text_int8.py)."""
     import torch
 
+    from clotho_retrieve.serve.backend import faiss_threads
     from clotho_retrieve.serve.library import Library
 
-    # one thread per model call: several calls run at once, and on a small CPU threads of one call
-    # would wait on each other (see clotho_retrieve/encoder.py)
+    # one thread per model call and per FAISS search: several calls run at once (one text worker per core,
+    # see Library), and on a small CPU threads of one call would wait on each other
+    # (see clotho_retrieve/encoder.py)
     torch.set_num_threads(1)
+    faiss_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     named = index_names(indexes)
     by_index = audio_roots(roots or [], list(named))
@@ -99,7 +105,10 @@ def load_libraries(
     try:
         for name, folder in named.items():
             root = by_index.get(name)
-            libraries[name] = Library(name, folder, feature_paths, root, device, encoders, bf16=bf16)
+            libraries[name] = Library(
+                name, folder, feature_paths, root, device, encoders, bf16=bf16, text_precision=text_precision,
+                query_cache=query_cache,
+            )
     except BaseException:
         for lib in libraries.values():
             lib.close()

@@ -23,6 +23,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import numpy as np
 from clotho_retrieve.serve import backend
 from clotho_retrieve.serve.backend import ClothoRetrieveError
 from clotho_retrieve.serve.batcher import Batcher
+from clotho_retrieve.serve.cache import QueryCache
 from clotho_retrieve.serve.thumbs import thumbnail_png
 
 AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg"}
@@ -138,17 +140,24 @@ class Library:
         encoders: dict | None = None,
         thumbnail_cache: int = 4096,
         bf16: bool = False,
+        text_precision: str = "int8",
+        captions_in_memory_max: int = 2**30,
+        query_cache: int = 1024,
     ):
         self.name = name
         self.device = device
         self.bf16 = bf16  # the text tower in bfloat16 (serve --bf16)
+        self.text_precision = text_precision  # of an ONNX text tower (serve --text-precision)
         self._encoders = encoders if encoders is not None else {}  # (model folder, part) -> Encoder
         self._encoder_lock = threading.Lock()
         self.index = backend.open_index(path)
         try:
             self.model = self.index.run  # the run folder or CLAP model that built it
             self.text_encoder = self.encoder("text")  # loaded now: text queries are the common case
-            # per-clip metadata in memory (the captions stay on disk): no HDF5 read per result
+            # per-clip metadata in memory: no HDF5 read per result (a random row of index.h5 costs ~0.1 ms,
+            # a quarter of a query's time with the int8 text tower). The captions stay on disk when they
+            # hold more than captions_in_memory_max bytes.
+            self.captions = backend.read_packed_column(self.index, "captions", captions_in_memory_max)
             self.names = backend.read_column(self.index, "names")  # (N,) UTF-8 bytes
             sources = backend.read_column(self.index, "sources")
             source_names, self.source_of = np.unique(sources, return_inverse=True)  # clip i: source_of[i]
@@ -158,21 +167,36 @@ class Library:
         except BaseException:
             self.index.close()
             raise
-        self.batcher = Batcher(self._search_texts, name=f"text-{name}")
+        self.query_cache = QueryCache(self.encode_texts, query_cache)  # repeated queries skip the tower
+        self.batcher = Batcher(
+            self._search_texts, name=f"text-{name}", workers=self._text_workers(),
+            # OpenMP's thread count is per thread: without this each worker's FAISS search would start
+            # a team of one thread per core, whose spinning cost ~17 % of a core per worker
+            init=lambda: backend.faiss_threads(1),
+        )
         self._thumbs: OrderedDict[int, bytes | None] = OrderedDict()
         self._thumb_cache = thumbnail_cache
         self._thumb_lock = threading.Lock()
         self._audio_lock = threading.Lock()
         self._audio_available: bool | None = None
 
+    def _text_workers(self) -> int:
+        """Threads answering text queries: one per core (at most 8) for an ONNX tower, each on one core
+        (onnxruntime and FAISS single-threaded; clotho_retrieve/serve/__init__.py), so one batch is
+        encoded while another is searched; one for torch, whose tokenizer is not safe to share."""
+        if getattr(self.text_encoder, "meta", None) is None:
+            return 1
+        return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
     # ------------------------------------------------------------------------------------------
     def encoder(self, part: str):
         """The run's ``part`` tower, loaded once (shared by libraries of the same run)."""
         bf16 = self.bf16 and part == "text"
-        key = (self.index.fingerprint.sha256, part, self.device, bf16)
+        precision = self.text_precision if part == "text" else None
+        key = (self.index.fingerprint.sha256, part, self.device, bf16, precision)
         with self._encoder_lock:
             if key not in self._encoders:
-                self._encoders[key] = backend.load_encoder(self.index, part, self.device, bf16)
+                self._encoders[key] = backend.load_encoder(self.index, part, self.device, bf16, precision)
             return self._encoders[key]
 
     @property
@@ -199,9 +223,18 @@ class Library:
             "audio": self.audio_available,
             "thumbnails": any(s.features is not None for s in self.sources.values()),
             "model": str(self.model),
+            "text_tower": self.text_tower_kind(),
             "text_queries": self.batcher.items,
             "text_batches": self.batcher.batches,
+            "query_cache": self.query_cache.stats(),
         }
+
+    def text_tower_kind(self) -> str:
+        """What encodes text queries: "onnx int8", "onnx fp32", "torch" or "torch bf16"."""
+        meta = getattr(self.text_encoder, "meta", None)
+        if isinstance(meta, dict):
+            return f"onnx {meta.get('precision', 'fp32')}"
+        return "torch bf16" if self.bf16 else "torch"
 
     # ------------------------------------------------------------------------------------------
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -211,11 +244,20 @@ class Library:
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors
 
-    def _search_texts(self, items: list[tuple[str, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """A batch of (text, k) -> per text (scores, rows): one encoder call, one index search."""
-        k = max(k for _, k in items)
-        scores, rows = self.index.search(self.encode_texts([t for t, _ in items]), k)  # (B, k) each
-        return [(scores[i, :ki], rows[i, :ki]) for i, (_, ki) in enumerate(items)]
+    def _search_texts(self, items: list[tuple[str, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """A batch of (text, k) -> per text (scores, rows), yielded in order: one encoder pass for the
+        batch; then with FAISS one search per text, so each answer goes out as soon as it is found (FAISS
+        searches the queries of a batch one after the other anyway), with exact search one matrix
+        product for the batch (the vectors are read once)."""
+        vectors = self.query_cache([t for t, _ in items])  # (B, D)
+        if self.index.ann is not None:
+            for i, (_, k) in enumerate(items):
+                scores, rows = self.index.search(vectors[i : i + 1], k)  # (1, k) each
+                yield scores[0], rows[0]
+            return
+        scores, rows = self.index.search(vectors, max(k for _, k in items))  # (B, k) each
+        for i, (_, k) in enumerate(items):
+            yield scores[i, :k], rows[i, :k]
 
     def search_text(self, text: str, k: int):
         """A concurrent.futures.Future of (scores, rows) for one text (batched with concurrent ones)."""
@@ -244,7 +286,10 @@ class Library:
     def hits(self, scores: np.ndarray, rows: np.ndarray, prefix: str = "") -> list[dict]:
         """JSON results for ranked rows (-1 rows, slots approximate search left empty, are dropped)."""
         keep = [(float(s), int(r)) for s, r in zip(scores, rows, strict=True) if r >= 0]
-        captions = backend.column(self.index, "captions", [r for _, r in keep])
+        if self.captions is not None:
+            captions = [self.captions[r] for _, r in keep]
+        else:
+            captions = backend.column(self.index, "captions", [r for _, r in keep])
         out = []
         for j, (score, row) in enumerate(keep):
             name, src = self.clip(row)
