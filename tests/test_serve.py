@@ -494,3 +494,16 @@ def test_captions_in_memory_equal_index_h5_and_disk_reads_stay_when_too_big(lib)
             if x is not None:
                 x.close()
 
+
+
+def test_requests_httptools_refuses_are_explained_as_the_app_would():
+    """uvicorn's httptools parser refuses request lines over 65,535 bytes before the app sees them; the
+    JSON 400 then names the problem (the over-long q, as the app's own check words it)."""
+    from clotho_retrieve.serve.http import URL_MAX, explain_refused
+
+    long_q = ("/api/search?k=3&q=" + quote("犬") * 10_000).encode()
+    assert len(long_q) > URL_MAX
+    assert explain_refused(long_q).startswith("q: 10,000 characters; at most")
+    other = b"/api/search?x=" + b"a" * 70_000
+    assert explain_refused(other) == f"request line of {len(other):,} bytes; at most 65,535"
+    assert explain_refused(b"/api/search?q=dog") == "malformed HTTP request"

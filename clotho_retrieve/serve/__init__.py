@@ -128,13 +128,13 @@ def run_server(
     import uvicorn
 
     from clotho_retrieve.serve.app import create_app
+    from clotho_retrieve.serve.http import H11_MAX_REQUEST_LINE, http_protocol
     from clotho_retrieve.serve.security import is_loopback
 
     app = create_app(libraries, token=token, max_upload=max_upload, loopback_only_hosts=is_loopback(host))
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False, server_header=False, lifespan="on",
-        # a request line of up to 256 KB reaches the app, so an over-long query gets its JSON error (a
-        # 10,000-character query of 3-byte characters is 90 KB once percent-encoded)
-        h11_max_incomplete_event_size=256 * 1024,
+        http=http_protocol(),  # httptools, whose refusals (e.g. a 90 KB query) get JSON errors too
+        h11_max_incomplete_event_size=H11_MAX_REQUEST_LINE,  # without httptools: the app answers those
     )
     uvicorn.Server(config).run()
