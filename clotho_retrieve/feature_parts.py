@@ -119,10 +119,10 @@ class WorkFolder:
     def no_space(self, out: Path, left: int, clips: int, failed: Exception) -> Exception:
         """The one line when a batch did not fit (``failed``, a NoSpace) with ``left`` clips of the job not
         saved yet: what the rest needs, from the batches so far (or the failed one): those ``left`` clips,
-        then the output ``out``, about as large as all the job's ``clips`` (the batches stay until then)."""
+        then the output ``out``, about as large as all the job's ``clips`` (the batches stay until then).
+        The folder must have been scanned since the failure."""
         from clotho_retrieve.safety import no_space
 
-        self.scan()
         sizes = []
         for file in {e.file for versions in self.entries.values() for e in versions}:
             with contextlib.suppress(OSError):

@@ -186,7 +186,8 @@ class Library:
         encoded while another is searched; one for torch, whose tokenizer is not safe to share."""
         if getattr(self.text_encoder, "meta", None) is None:
             return 1
-        return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(8, cores or 1))
 
     # ------------------------------------------------------------------------------------------
     def encoder(self, part: str):
